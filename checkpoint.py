@@ -1,0 +1,76 @@
+"""Checkpoints as plain data: atomic writes, safe loads, and the model rebuilt from the stored config.
+
+A checkpoint is a dict of tensors and plain Python values (no pickled classes), loaded with
+`torch.load(weights_only=True)`. Keys: format_version, config (the resolved training flags),
+step, model, optimizer, buffer, rng, best_valid_acc.
+"""
+import os
+import tempfile
+
+import torch
+
+from models import build_model
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """Missing, corrupt, foreign or mismatched checkpoint: reported as one line by the scripts."""
+
+
+def save_atomic(obj, path):
+    """Write to a temp file in the same directory, fsync, then rename: a reader (or a crash at any
+    moment) sees the old file or the new one, never half of one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint '{path}': {first_line}") from None
+    if not isinstance(ckpt, dict) or "format_version" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"'{path}' is not a checkpoint written by train_jem.py")
+    if ckpt["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(f"'{path}' has format version {ckpt['format_version']}; this code "
+                              f"reads up to {FORMAT_VERSION}: update the code")
+    return ckpt
+
+
+def model_kwargs(config, info):
+    """The build_model arguments a training config implies (stored, so sample.py can replay them)."""
+    return dict(arch=config["arch"], n_classes=info.n_classes, in_channels=info.channels,
+                norm=config["norm"], depth=config["depth"], widen=config["widen"],
+                width=config["width"], dropout=config["dropout"])
+
+
+def load_model_state(model, state, path="checkpoint"):
+    """load_state_dict with a one-line error when the weights belong to another architecture."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        missing = sum("Missing key" in l or "size mismatch" in l or "Unexpected key" in l
+                      for l in str(e).splitlines())
+        raise CheckpointError(f"the weights in '{path}' do not fit the model built from its config "
+                              f"(another architecture? {missing} kinds of mismatch)") from None
+
+
+def model_from_checkpoint(ckpt, info, device, path="checkpoint"):
+    """Rebuild the network from the config stored in the checkpoint and load its weights."""
+    model = build_model(**model_kwargs(ckpt["config"], info)).to(device)
+    load_model_state(model, ckpt["model"], path)
+    return model

@@ -1,0 +1,189 @@
+"""Datasets for JEM: in-memory image tensors, splits, and on-device augmentation.
+
+Two sources behind one call, `load_split(name, split, data_root)`:
+  1. offline arrays `<data_root>/<name>/<split>.npz` (x: uint8 N x H x W x C, y: int64, classes),
+  2. otherwise torchvision's own dataset class with download=True (the usual path on a networked box).
+
+Images stay uint8 in memory (on the training device) and become floats in [-1, 1] per batch, so an
+epoch never decodes a file. Augmentation follows the JEM paper: reflect-pad 4 + random crop,
+horizontal flip where it makes sense, and additive Gaussian noise of std `sigma`.
+"""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class DataError(Exception):
+    """Bad dataset name, missing files, unreadable arrays: reported as one line by the scripts."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    image_size: int
+    channels: int
+    n_classes: int
+    flip: bool  # horizontal flips keep the label (not for digits)
+
+
+DATASETS = {
+    "mnist": DatasetInfo(28, 1, 10, flip=False),
+    "fashion_mnist": DatasetInfo(28, 1, 10, flip=True),
+    "cifar10": DatasetInfo(32, 3, 10, flip=True),
+    "cifar100": DatasetInfo(32, 3, 100, flip=True),
+    "svhn": DatasetInfo(32, 3, 10, flip=False),
+}
+
+
+def dataset_info(name):
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset '{name}'; choose one of: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def load_split(name, split, data_root):
+    """Return (x uint8 N x H x W x C numpy, y int64 numpy, class names) for split 'train' or 'test'."""
+    dataset_info(name)
+    if not os.path.isdir(data_root):
+        raise DataError(f"data root '{data_root}' does not exist")
+    path = os.path.join(data_root, name, f"{split}.npz")
+    if os.path.exists(path):
+        return _load_npz(path)
+    return _load_torchvision(name, split, data_root)
+
+
+def _load_npz(path):
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            x, y, classes = f["x"], f["y"].astype(np.int64), [str(c) for c in f["classes"]]
+    except Exception as e:  # zip/npz errors come in many types
+        raise DataError(f"cannot read '{path}': {e}") from None
+    if x.dtype != np.uint8 or x.ndim != 4 or len(x) != len(y):
+        raise DataError(f"'{path}' is not N x H x W x C uint8 images with N labels")
+    return x, y, classes
+
+
+def _load_torchvision(name, split, data_root):
+    """The users' path: torchvision downloads into data_root/<name>/ when the arrays are absent."""
+    import torchvision.datasets as tvd
+
+    root = os.path.join(data_root, name)
+    train = split == "train"
+    try:
+        if name == "svhn":
+            ds = tvd.SVHN(root, split=split, download=True)
+            x, y = ds.data.transpose(0, 2, 3, 1), np.asarray(ds.labels)
+            classes = [str(i) for i in range(10)]
+        else:
+            cls = {"mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST,
+                   "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
+            ds = cls(root, train=train, download=True)
+            x, y, classes = np.asarray(ds.data), np.asarray(ds.targets), list(ds.classes)
+    except Exception as e:  # no network, bad checksum, ...
+        raise DataError(f"no offline arrays at '{os.path.join(root, split + '.npz')}' and the "
+                        f"torchvision download failed ({type(e).__name__}: {e})") from None
+    if x.ndim == 3:
+        x = x[..., None]
+    return x.astype(np.uint8), y.astype(np.int64), classes
+
+
+def to_float(x_uint8):
+    """uint8 N x C x H x W -> float in [-1, 1]."""
+    return x_uint8.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(x):
+    """Float images in [-1, 1] -> uint8, clamped."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def _class_balanced_pick(y, per_class, generator):
+    """Indices of `per_class` random examples of each class (fewer if a class has fewer)."""
+    picks = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        perm = torch.randperm(len(idx), generator=generator).numpy()
+        picks.append(idx[perm[:per_class]])
+    return np.sort(np.concatenate(picks))
+
+
+@dataclass
+class JEMData:
+    """Everything the training loop needs, as tensors on one device (images uint8 N x C x H x W)."""
+    info: DatasetInfo
+    classes: list
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    labelled: torch.Tensor  # indices into train_* that may be used for cross-entropy
+    valid_x: torch.Tensor
+    valid_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+SPLIT_SEED = 1234  # splits never depend on --seed, so runs with different seeds share a validation set
+
+
+def load_jem_data(name, data_root, device, n_valid=5000, train_subset=None, labels_per_class=None):
+    """Load train/test, hold out a validation set, optionally subsample and drop labels.
+
+    train_subset: None, a fraction in (0, 1], or a count > 1 of training images (class-balanced).
+    labels_per_class: None (all labelled) or the number of labelled images per class; the energy
+    term still sees every training image (the semi-supervised setting of the paper).
+    """
+    info = dataset_info(name)
+    x, y, classes = load_split(name, "train", data_root)
+    tx, ty, _ = load_split(name, "test", data_root)
+    g = torch.Generator().manual_seed(SPLIT_SEED)
+    perm = torch.randperm(len(x), generator=g).numpy()
+    if not 0 <= n_valid < len(x):
+        raise DataError(f"--n-valid {n_valid} must be in [0, {len(x)})")
+    valid_idx, train_idx = perm[:n_valid], perm[n_valid:]
+    if train_subset is not None:
+        n = round(train_subset * len(train_idx)) if train_subset <= 1 else int(train_subset)
+        keep = _class_balanced_pick(y[train_idx], max(1, n // info.n_classes), g)
+        train_idx = train_idx[keep]
+    labelled = np.arange(len(train_idx))
+    if labels_per_class is not None:
+        labelled = _class_balanced_pick(y[train_idx], labels_per_class, g)
+
+    def tensor(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    def images(a):
+        return tensor(a.transpose(0, 3, 1, 2))
+
+    return JEMData(info, classes,
+                   images(x[train_idx]), tensor(y[train_idx]), tensor(labelled),
+                   images(x[valid_idx]), tensor(y[valid_idx]),
+                   images(tx), tensor(ty))
+
+
+def epoch_permutation(n, seed, epoch, device):
+    """Data order for one epoch: a pure function of (seed, epoch), so a resumed run replays it."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).to(device)
+
+
+def augment(x, pad=4, flip=True, sigma=0.03):
+    """JEM's training transform on a float batch in [-1, 1]: reflect-pad + crop, flip, + noise.
+
+    Runs on the batch's device with the global torch RNG (saved in checkpoints).
+    """
+    n, _, h, w = x.shape
+    if pad > 0:
+        padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=x.device)
+        dx = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=x.device)
+        rows = (dy + torch.arange(h, device=x.device).view(1, h, 1)).expand(n, h, w)
+        cols = (dx + torch.arange(w, device=x.device).view(1, 1, w)).expand(n, h, w)
+        batch = torch.arange(n, device=x.device).view(n, 1, 1).expand(n, h, w)
+        x = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+    if flip:
+        flipped = torch.rand(n, 1, 1, 1, device=x.device) < 0.5
+        x = torch.where(flipped, x.flip(3), x)
+    if sigma > 0:
+        x = x + sigma * torch.randn_like(x)
+    return x.contiguous()

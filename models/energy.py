@@ -1,0 +1,45 @@
+"""The JEM reading of a classifier (Grathwohl et al. 2019, eq. 4-5).
+
+With logits f(x), p(x, y) = exp(f(x)[y]) / Z and p(x) = sum_y exp(f(x)[y]) / Z, so
+    E(x, y) = -f(x)[y]          and          E(x) = -logsumexp_y f(x)[y].
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def make_norm(kind, channels):
+    """JEM trains without normalisation by default: batch norm couples samples and data in a batch."""
+    if kind == "none":
+        return nn.Identity()
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(32, channels // 4) or 1, channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    raise ValueError(f"unknown norm '{kind}'; choose none, batch, group or instance")
+
+
+class EnergyClassifier(nn.Module):
+    """Base class: a subclass defines `features(x)` (N x D) and sets `self.head = nn.Linear(D, K)`."""
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+    def energy(self, x, y=None):
+        """E(x) = -logsumexp f(x) if y is None, else E(x, y) = -f(x)[y]."""
+        return energy_from_logits(self(x), y)
+
+
+def energy_from_logits(logits, y=None):
+    if y is None:
+        return -torch.logsumexp(logits, dim=1)
+    return -logits.gather(1, y[:, None]).squeeze(1)
+
+
+LEAK = 0.2  # leaky ReLU slope of the JEM code: the input gradient never vanishes, which SGLD needs
+
+
+def act(x):
+    return F.leaky_relu(x, LEAK)

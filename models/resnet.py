@@ -1,0 +1,34 @@
+"""A small pre-activation ResNet that trains JEM at useful speed on a CPU (28x28 or 32x32, 1 or 3 ch)."""
+import torch.nn as nn
+
+from .energy import EnergyClassifier, act, make_norm
+
+
+class Block(nn.Module):
+    def __init__(self, c_in, c_out, stride, norm):
+        super().__init__()
+        self.norm1, self.conv1 = make_norm(norm, c_in), nn.Conv2d(c_in, c_out, 3, stride, 1)
+        self.norm2, self.conv2 = make_norm(norm, c_out), nn.Conv2d(c_out, c_out, 3, 1, 1)
+        self.skip = nn.Conv2d(c_in, c_out, 1, stride) if (stride != 1 or c_in != c_out) else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(act(self.norm1(x)))
+        return self.skip(x) + self.conv2(act(self.norm2(h)))
+
+
+class SmallResNet(EnergyClassifier):
+    """Stem conv, then three stages of one residual block each (width, 2 width, 4 width channels)."""
+
+    def __init__(self, width=32, n_classes=10, in_channels=3, norm="none", dropout=0.0):
+        super().__init__()
+        w = [width, 2 * width, 4 * width]
+        self.stem = nn.Conv2d(in_channels, w[0], 3, 1, 1)
+        self.blocks = nn.Sequential(Block(w[0], w[0], 1, norm), Block(w[0], w[1], 2, norm),
+                                    Block(w[1], w[2], 2, norm))
+        self.norm = make_norm(norm, w[2])
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(w[2], n_classes)
+
+    def features(self, x):
+        h = act(self.norm(self.blocks(self.stem(x))))
+        return self.dropout(h.mean(dim=(2, 3)))

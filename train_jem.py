@@ -1,0 +1,414 @@
+"""Train a Joint Energy-based Model (Grathwohl et al. 2019, arXiv 1912.03263).
+
+    python train_jem.py --preset mnist-cpu --data-root ../shared/data --run-name mnist
+    python train_jem.py --run-name mnist --resume          # continue after Ctrl-C / SIGTERM / crash
+
+The classifier's logits f(x) define log p(x, y) = f(x)[y] - log Z. Each step maximises
+    pyx_weight * log p(y|x) + px_weight * log p(x) + pxy_weight * log p(x, y)
+where the log Z gradients of the last two come from SGLD samples started in a replay buffer.
+Writes checkpoints/<run>/{last,best}.pt and metrics.jsonl, and sample grids to samples/<run>/.
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from checkpoint import (FORMAT_VERSION, CheckpointError, load_checkpoint, load_model_state,
+                        model_kwargs, save_atomic)
+from cli import UsageError, resolve_device, run
+from data import augment, dataset_info, epoch_permutation, load_jem_data, to_float
+from models import ARCHS, build_model
+from models.energy import energy_from_logits
+from sgld import ReplayBuffer, SGLDSampler, class_conditional_samples
+
+PRESETS = {
+    # The paper's CIFAR-10 run (official code's flags and defaults): WRN-28-10 without norm, Adam.
+    "cifar10-paper": dict(dataset="cifar10", arch="wrn", depth=28, widen=10, norm="none",
+                          dropout=0.0, optimizer="adam", lr=1e-4, warmup_iters=1000, batch_size=64,
+                          epochs=200, decay_epochs=[160, 180], decay_rate=0.3, n_steps=20,
+                          step_size=1.0, noise_std=0.01, buffer_size=10000, reinit_freq=0.05,
+                          sigma=0.03, pyx_weight=1.0, px_weight=1.0, pxy_weight=0.0),
+    # MNIST on a laptop CPU in minutes: small ResNet, classifier warm start, class-conditional chains.
+    "mnist-cpu": dict(dataset="mnist", arch="resnet", width=16, norm="none", optimizer="adam",
+                      lr=1e-3, warmup_iters=100, batch_size=64, epochs=3, pretrain_epochs=1,
+                      decay_epochs=[2], decay_rate=0.3, n_steps=10, step_size=1.0, noise_std=0.01,
+                      buffer_size=10000, reinit_freq=0.05, sigma=0.03, n_valid=1000,
+                      pyx_weight=1.0, px_weight=0.0, pxy_weight=1.0),
+}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--preset", choices=sorted(PRESETS), help="a set of flags to start from; any flag overrides it")
+    g = p.add_argument_group("run")
+    g.add_argument("--run-name", help="name of checkpoints/<run> and samples/<run> (default: dataset-arch-time)")
+    g.add_argument("--resume", action="store_true", help="continue checkpoints/<run-name>/last.pt exactly")
+    g.add_argument("--ckpt-root", default="checkpoints", help="where run folders go (default: %(default)s)")
+    g.add_argument("--samples-root", default="samples", help="where sample grids go (default: %(default)s)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=1, help="seeds everything but the data split (default: %(default)s)")
+    g.add_argument("--max-iters", type=int, help="stop after this many steps in total (smoke tests)")
+    g.add_argument("--log-every", type=int, default=50, help="steps between metric lines (default: %(default)s)")
+    g.add_argument("--eval-every", type=int, default=500, help="steps between validations and best.pt (default: %(default)s)")
+    g.add_argument("--ckpt-every", type=int, default=500, help="steps between last.pt writes (default: %(default)s)")
+    g.add_argument("--sample-every", type=int, default=1000, help="steps between sample grids, 0 = only at the end (default: %(default)s)")
+    g.add_argument("--explode-threshold", type=float, default=1e8,
+                   help="stop when |loss| exceeds this or is not finite, keeping the last good checkpoint "
+                        "(the official code's 1e8; default: %(default)s)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="cifar10", help="mnist, fashion_mnist, cifar10, cifar100 or svhn (default: %(default)s)")
+    g.add_argument("--data-root", default="data", help="holds <dataset>/{train,test}.npz, else torchvision downloads there (default: %(default)s)")
+    g.add_argument("--n-valid", type=int, default=5000, help="training images held out for validation, fixed split (default: %(default)s)")
+    g.add_argument("--train-subset", type=float, help="train on a class-balanced fraction (<= 1) or count (> 1) of the training set")
+    g.add_argument("--labels-per-class", type=int, help="semi-supervised: cross-entropy on this many labelled images per class, energy on all")
+    g.add_argument("--sigma", type=float, default=0.03, help="std of Gaussian noise added to training images; JEM needs it for stability (default: %(default)s)")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="wrn", choices=ARCHS, help="wrn (the paper's) or resnet (small, CPU-friendly) (default: %(default)s)")
+    g.add_argument("--depth", type=int, default=28, help="WideResNet depth, 6n+4 (default: %(default)s)")
+    g.add_argument("--widen", type=int, default=10, help="WideResNet widen factor (default: %(default)s)")
+    g.add_argument("--width", type=int, default=32, help="small ResNet base channels (default: %(default)s)")
+    g.add_argument("--norm", default="none", choices=["none", "batch", "group", "instance"],
+                   help="normalisation; JEM trains best without (default: %(default)s)")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout rate (default: %(default)s)")
+    g = p.add_argument_group("objective")
+    g.add_argument("--pyx-weight", type=float, default=1.0, help="weight of log p(y|x), the cross-entropy (default: %(default)s)")
+    g.add_argument("--px-weight", type=float, default=1.0, help="weight of log p(x), unconditional SGLD; 0 = plain classifier (default: %(default)s)")
+    g.add_argument("--pxy-weight", type=float, default=0.0, help="weight of log p(x,y), class-conditional SGLD (default: %(default)s)")
+    g.add_argument("--l2-energy", type=float, default=0.0, help="penalty on squared energies of data and samples; try 0.1 if energies drift (default: %(default)s)")
+    g.add_argument("--pretrain-epochs", type=int, default=0, help="first epochs as a plain classifier, then JEM (default: %(default)s)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="(default: %(default)s)")
+    g.add_argument("--lr", type=float, default=1e-4, help="learning rate; JEM diverges above ~1e-4 on WRN (default: %(default)s)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="(default: %(default)s)")
+    g.add_argument("--warmup-iters", type=int, default=1000, help="linear learning-rate warm-up steps (default: %(default)s)")
+    g.add_argument("--epochs", type=int, default=200, help="total epochs, pre-training included (default: %(default)s)")
+    g.add_argument("--decay-epochs", type=int, nargs="*", default=[160, 180], help="epochs at which lr *= decay-rate (default: %(default)s)")
+    g.add_argument("--decay-rate", type=float, default=0.3, help="(default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=64, help="data batch, and as many SGLD chains (default: %(default)s)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--n-steps", type=int, default=20, help="SGLD steps per training step (default: %(default)s)")
+    g.add_argument("--step-size", type=float, default=1.0, help="SGLD gradient step (default: %(default)s)")
+    g.add_argument("--noise-std", type=float, default=0.01, help="SGLD noise std; JEM's is far below Langevin's sqrt(2*step) (default: %(default)s)")
+    g.add_argument("--buffer-size", type=int, default=10000, help="replay buffer images (default: %(default)s)")
+    g.add_argument("--reinit-freq", type=float, default=0.05, help="fraction of chains restarted each step (default: %(default)s)")
+    g.add_argument("--buffer-init", default="noise", choices=["noise", "data"],
+                   help="start (and restart) chains from uniform noise, or from training images (default: %(default)s)")
+    return p
+
+
+def resolve_config(argv):
+    """Parser defaults, then the preset, then the flags given; on --resume, the stored config
+    with the flags given on top."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    explicit = _explicit_flags(parser, argv)
+    config = vars(args)
+    if args.resume:
+        if not args.run_name:
+            raise UsageError("--resume needs --run-name")
+        path = os.path.join(args.ckpt_root, args.run_name, "last.pt")
+        ckpt = load_checkpoint(path)
+        config = dict(ckpt["config"])
+        for key in ("arch", "depth", "widen", "width", "norm", "dataset"):
+            if key in explicit and explicit[key] != config[key]:
+                raise CheckpointError(f"'{path}' was trained with {key}={config[key]}; it cannot "
+                                      f"resume as {key}={explicit[key]} (another architecture)")
+        config.update(explicit, resume=True)
+        return argparse.Namespace(**config), ckpt
+    if args.preset:
+        config.update(PRESETS[args.preset])
+        config.update(explicit)
+    if not config["run_name"]:
+        config["run_name"] = f"{config['dataset']}-{config['arch']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return argparse.Namespace(**config), None
+
+
+def _explicit_flags(parser, argv):
+    """The flags actually typed: parse again with every default suppressed."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+# ---- the objective: each term a small function of logits ----------------------------------------
+
+def classification_loss(logits, y):
+    """-log p(y|x): ordinary cross-entropy."""
+    return F.cross_entropy(logits, y)
+
+
+def px_loss(logits_data, logits_sample):
+    """-log p(x) up to log Z; its gradient is E_data[dE/dθ] - E_model[dE/dθ] (paper, eq. 2)."""
+    return energy_from_logits(logits_data).mean() - energy_from_logits(logits_sample).mean()
+
+
+def pxy_loss(logits_data, y_data, logits_sample, y_sample):
+    """-log p(x, y) up to log Z, with samples of p(x | y) for uniformly drawn y."""
+    return energy_from_logits(logits_data, y_data).mean() - energy_from_logits(logits_sample, y_sample).mean()
+
+
+def energy_l2(logits_data, logits_sample):
+    """Keeps energies near zero (Du & Mordatch 2019), a guard against the energy blow-up."""
+    return energy_from_logits(logits_data).square().mean() + energy_from_logits(logits_sample).square().mean()
+
+
+def draw_samples(model, sampler, buffer, n, y=None):
+    """Persistent-chain SGLD: start from the buffer, run the sampler, put the chains back."""
+    x0, idx = buffer.sample(n, y)
+    model.eval()  # sampling must not update batch-norm statistics or see dropout noise
+    x = sampler(model, x0, y)
+    model.train()
+    buffer.update(idx, x)
+    return x
+
+
+def jem_loss(model, sampler, buffer, cfg, x_lab, y_lab, x_unl, energy_on):
+    """The weighted objective on one batch. x_unl is None when every training image is labelled
+    (then x_lab serves both terms and one forward pass is saved). Returns (loss, metrics)."""
+    n_classes = model.head.out_features
+    chunks, metrics = [x_lab] + ([] if x_unl is None else [x_unl]), {}
+    if energy_on and cfg.px_weight > 0:
+        chunks.append(draw_samples(model, sampler, buffer, len(x_lab)))
+    if energy_on and cfg.pxy_weight > 0:
+        y_q = torch.randint(n_classes, (len(x_lab),), device=x_lab.device)
+        chunks.append(draw_samples(model, sampler, buffer, len(x_lab), y_q))
+    logits = model(torch.cat(chunks)).split([len(c) for c in chunks])
+    logits_lab, rest = logits[0], list(logits[1:])
+    logits_unl = logits_lab if x_unl is None else rest.pop(0)
+
+    loss = cfg.pyx_weight * classification_loss(logits_lab, y_lab)
+    metrics["acc"] = (logits_lab.argmax(1) == y_lab).float().mean()
+    if energy_on and cfg.px_weight > 0:
+        logits_q = rest.pop(0)
+        loss = loss + cfg.px_weight * px_loss(logits_unl, logits_q)
+        if cfg.l2_energy > 0:
+            loss = loss + cfg.l2_energy * energy_l2(logits_unl, logits_q)
+    if energy_on and cfg.pxy_weight > 0:
+        logits_q = rest.pop(0)
+        loss = loss + cfg.pxy_weight * pxy_loss(logits_lab, y_lab, logits_q, y_q)
+        if cfg.l2_energy > 0:
+            loss = loss + cfg.l2_energy * energy_l2(logits_lab, logits_q)
+    if energy_on:
+        metrics["e_data"] = energy_from_logits(logits_unl).mean()
+        metrics["e_sample"] = energy_from_logits(logits_q).mean()
+        metrics["gap"] = metrics["e_data"] - metrics["e_sample"]
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def learning_rate(cfg, step, iters_per_epoch):
+    """Linear warm-up, then step decay: a pure function of the step, so resuming needs no state."""
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_iters) if cfg.warmup_iters > 0 else cfg.lr
+    epoch = step // iters_per_epoch
+    return lr * cfg.decay_rate ** sum(epoch >= e for e in cfg.decay_epochs)
+
+
+# ---- bookkeeping -----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, x_u8, y, batch_size=500):
+    """Accuracy and NLL of the classifier on uint8 images (no augmentation, eval mode)."""
+    model.eval()
+    correct, nll = 0.0, 0.0
+    for xb, yb in zip(x_u8.split(batch_size), y.split(batch_size)):
+        logits = model(to_float(xb))
+        correct += (logits.argmax(1) == yb).sum().item()
+        nll += F.cross_entropy(logits, yb, reduction="sum").item()
+    model.train()
+    return correct / max(1, len(y)), nll / max(1, len(y))
+
+
+def rng_state(device):
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_sample_grid(model, sampler, buffer, n_classes, shape, path, device, per_class=8):
+    """Class-conditional samples, one row per class (at most 10 classes shown). Uses a forked RNG
+    so that drawing pictures never changes the training run."""
+    classes = torch.arange(min(n_classes, 10)).repeat_interleave(per_class)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model.eval()
+        x = class_conditional_samples(model, sampler, classes, shape, buffer, device=device)
+        model.train()
+    save_image((x + 1) / 2, path, nrow=per_class)
+
+
+class SignalFlag:
+    """First Ctrl-C / SIGTERM asks the loop to checkpoint and exit after the current step;
+    a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.signum = None
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving a resumable checkpoint after this step "
+              "(Ctrl-C again to abort)", file=sys.stderr)
+
+
+def open_run_dirs(cfg):
+    run_dir = os.path.join(cfg.ckpt_root, cfg.run_name)
+    sample_dir = os.path.join(cfg.samples_root, cfg.run_name)
+    if not cfg.resume and (os.path.exists(run_dir) or os.path.exists(sample_dir)):
+        raise UsageError(f"run '{cfg.run_name}' already exists ({run_dir}); pass --resume to "
+                         "continue it or choose another --run-name")
+    os.makedirs(run_dir, exist_ok=True)
+    os.makedirs(sample_dir, exist_ok=True)
+    return run_dir, sample_dir
+
+
+def truncate_metrics(path, step):
+    """On resume, drop metric lines written after the checkpoint we continue from."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg, ckpt = resolve_config(argv)
+    device = resolve_device(cfg.device)
+    info = dataset_info(cfg.dataset)
+    run_dir, sample_dir = open_run_dirs(cfg)
+    torch.manual_seed(cfg.seed)
+
+    data = load_jem_data(cfg.dataset, cfg.data_root, device, cfg.n_valid, cfg.train_subset,
+                         cfg.labels_per_class)
+    model = build_model(**model_kwargs(vars(cfg), info)).to(device)
+    if cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
+                                     weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay)
+    shape = (info.channels, info.image_size, info.image_size)
+    conditional = cfg.pxy_weight > 0
+    init = dict(init_data=data.train_x, init_labels=data.train_y) if cfg.buffer_init == "data" else {}
+    buffer = ReplayBuffer(cfg.buffer_size, shape, n_classes=info.n_classes if conditional else None,
+                          reinit_freq=cfg.reinit_freq, device=device, **init)
+    sampler = SGLDSampler(cfg.n_steps, cfg.step_size, cfg.noise_std)
+    semi_supervised = cfg.labels_per_class is not None
+
+    step, best_valid_acc = 0, -1.0
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if ckpt is not None:
+        load_model_state(model, ckpt["model"], os.path.join(run_dir, "last.pt"))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        buffer.load_state_dict(ckpt["buffer"])
+        set_rng_state(ckpt["rng"], device)
+        step, best_valid_acc = ckpt["step"], ckpt["best_valid_acc"]
+        truncate_metrics(metrics_path, step)
+        print(f"resumed '{cfg.run_name}' at step {step}", file=sys.stderr)
+    else:
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(vars(cfg), f, indent=2)
+
+    def checkpoint():
+        return {"format_version": FORMAT_VERSION, "config": vars(cfg), "step": step,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "buffer": buffer.state_dict(), "rng": rng_state(device),
+                "best_valid_acc": best_valid_acc}
+
+    def log(record):
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    iters_per_epoch = len(data.train_x) // cfg.batch_size
+    if iters_per_epoch == 0:
+        raise UsageError(f"--batch-size {cfg.batch_size} exceeds the {len(data.train_x)} training images")
+    total = cfg.epochs * iters_per_epoch
+    if cfg.max_iters is not None:
+        total = min(total, cfg.max_iters)
+    stop = SignalFlag()
+    model.train()
+    bar = tqdm(total=total, initial=step, desc=cfg.run_name, dynamic_ncols=True)
+    perm_epoch, t0 = None, time.time()
+    while step < total:
+        epoch, i = divmod(step, iters_per_epoch)
+        if perm_epoch != epoch:
+            perm, perm_epoch = epoch_permutation(len(data.train_x), cfg.seed, epoch, device), epoch
+        idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+        x = augment(to_float(data.train_x[idx]), flip=info.flip, sigma=cfg.sigma)
+        if semi_supervised:
+            g = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
+            lab = data.labelled[torch.randint(len(data.labelled), (cfg.batch_size,), generator=g).to(device)]
+            x_lab, y_lab, x_unl = augment(to_float(data.train_x[lab]), flip=info.flip, sigma=cfg.sigma), data.train_y[lab], x
+        else:
+            x_lab, y_lab, x_unl = x, data.train_y[idx], None
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step, iters_per_epoch)
+
+        energy_on = epoch >= cfg.pretrain_epochs
+        loss, metrics = jem_loss(model, sampler, buffer, cfg, x_lab, y_lab, x_unl, energy_on)
+        loss_value = loss.item()  # the one host sync per step: catches divergence before it spreads
+        if not math.isfinite(loss_value) or abs(loss_value) > cfg.explode_threshold:
+            log({"step": step, "kind": "diverged", "loss": loss_value})
+            raise SystemExit(f"error: loss {loss_value:.3g} at step {step} diverged (threshold "
+                             f"{cfg.explode_threshold:g}); the last good checkpoint is "
+                             f"{os.path.join(run_dir, 'last.pt')}: resume it, perhaps with a lower --lr "
+                             "or --l2-energy 0.1")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == total:
+            record = {k: round(v.item(), 5) for k, v in metrics.items()}
+            bar.set_postfix({k: record[k] for k in ("loss", "acc", "gap") if k in record})
+            log({"step": step, "epoch": epoch, "kind": "train", "lr": optimizer.param_groups[0]["lr"],
+                 "elapsed_s": round(time.time() - t0, 1), **record})
+        if step % cfg.eval_every == 0 or step == total:
+            acc, nll = evaluate(model, data.valid_x, data.valid_y) if len(data.valid_y) else (None, None)
+            log({"step": step, "epoch": epoch, "kind": "valid", "valid_acc": acc, "valid_nll": nll})
+            if acc is None or acc > best_valid_acc:  # without a validation set, best is the latest
+                best_valid_acc = -1.0 if acc is None else acc
+                save_atomic(checkpoint(), os.path.join(run_dir, "best.pt"))
+        if step % cfg.ckpt_every == 0 or step == total or stop.signum:
+            save_atomic(checkpoint(), os.path.join(run_dir, "last.pt"))
+        if (cfg.sample_every and step % cfg.sample_every == 0) or step == total:
+            save_sample_grid(model, sampler, buffer, info.n_classes, shape,
+                             os.path.join(sample_dir, f"step_{step:07d}.png"), device)
+        if stop.signum:
+            bar.close()
+            print(f"saved {os.path.join(run_dir, 'last.pt')} at step {step}; continue with "
+                  f"--run-name {cfg.run_name} --resume", file=sys.stderr)
+            sys.exit(128 + stop.signum)
+    bar.close()
+
+    test_acc, test_nll = evaluate(model, data.test_x, data.test_y)
+    log({"step": step, "kind": "test", "test_acc": test_acc, "test_nll": test_nll,
+         "elapsed_s": round(time.time() - t0, 1)})
+    print(f"test accuracy {test_acc:.4f} (nll {test_nll:.4f}) after {step} steps; "
+          f"checkpoints in {run_dir}, samples in {sample_dir}")
+
+
+if __name__ == "__main__":
+    run(main)
