@@ -8,6 +8,7 @@ Images stay uint8 in memory (on the training device) and become floats in [-1, 1
 epoch never decodes a file. Augmentation follows the JEM paper: reflect-pad 4 + random crop,
 horizontal flip where it makes sense, and additive Gaussian noise of std `sigma`.
 """
+import functools
 import os
 from dataclasses import dataclass
 
@@ -161,6 +162,7 @@ def load_jem_data(name, data_root, device, n_valid=5000, train_subset=None, labe
                    images(tx), tensor(ty))
 
 
+@functools.lru_cache(maxsize=1)  # called every step, computed once per epoch
 def epoch_permutation(n, seed, epoch, device):
     """Data order for one epoch: a pure function of (seed, epoch), so a resumed run replays it."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)

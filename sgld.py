@@ -10,6 +10,7 @@ Pure library code: no argparse, no global state. All randomness comes from the t
 tensors' device, so a caller that saves torch's RNG state reproduces a run bit for bit.
 """
 import torch
+import torch.nn.functional as F
 
 
 class SGLDSampler:
@@ -85,14 +86,23 @@ class ReplayBuffer:
         return self.init_data[idx].float().div(127.5).sub(1.0)
 
     def sample(self, n, y=None, reinit_freq=None):
-        """Draw n chain starts (for classes y, if given) and their slot indices for `update`."""
+        """Draw n chain starts (for classes y, if given) and their slot indices for `update`.
+
+        Slots are drawn without replacement, so no two chains of a batch write to one slot (the
+        outcome of such a write would be unspecified, and resuming would not be exact)."""
         if y is None:
-            idx = torch.randint(self.size, (n,), device=self.device)
+            if n > self.size:
+                raise ValueError(f"cannot draw {n} distinct chains from a buffer of {self.size}")
+            idx = torch.randperm(self.size, device=self.device)[:n]
         else:
             if not self.n_classes:
                 raise ValueError("class-conditional draws need a buffer built with n_classes")
             per_class = self.size // self.n_classes
-            idx = y.to(self.device) * per_class + torch.randint(per_class, (n,), device=self.device)
+            y = y.to(self.device)
+            # the k-th request for class c takes the k-th slot of a random order of c's slice
+            order = torch.rand(self.n_classes, per_class, device=self.device).argsort(dim=1)
+            k = F.one_hot(y, self.n_classes).cumsum(0).gather(1, y[:, None]).squeeze(1) - 1
+            idx = y * per_class + order[y, k]
         x = self.x[idx]
         freq = self.reinit_freq if reinit_freq is None else reinit_freq
         if freq > 0:

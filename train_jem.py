@@ -60,7 +60,8 @@ def build_parser():
     g.add_argument("--log-every", type=int, default=50, help="steps between metric lines (default: %(default)s)")
     g.add_argument("--eval-every", type=int, default=500, help="steps between validations and best.pt (default: %(default)s)")
     g.add_argument("--ckpt-every", type=int, default=500, help="steps between last.pt writes (default: %(default)s)")
-    g.add_argument("--sample-every", type=int, default=1000, help="steps between sample grids, 0 = only at the end (default: %(default)s)")
+    g.add_argument("--sample-every", type=int, default=1000, help="steps between sample grids (and one at the end); 0 = none (default: %(default)s)")
+    g.add_argument("--max-eval", type=int, help="evaluate on at most this many validation / test images (smoke runs)")
     g.add_argument("--explode-threshold", type=float, default=1e8,
                    help="stop when |loss| exceeds this or is not finite, keeping the last good checkpoint "
                         "(the official code's 1e8; default: %(default)s)")
@@ -213,6 +214,20 @@ def learning_rate(cfg, step, iters_per_epoch):
     return lr * cfg.decay_rate ** sum(epoch >= e for e in cfg.decay_epochs)
 
 
+def training_batch(data, cfg, info, step, iters_per_epoch, device):
+    """The augmented batch of this step: (x_lab, y_lab, x_unl). The order is a pure function of
+    (seed, step), so a resumed run sees the same batches. x_unl is None when all images are
+    labelled; in the semi-supervised setting labelled images are drawn from their own small pool."""
+    epoch, i = divmod(step, iters_per_epoch)
+    idx = epoch_permutation(len(data.train_x), cfg.seed, epoch, device)[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+    x = augment(to_float(data.train_x[idx]), flip=info.flip, sigma=cfg.sigma)
+    if cfg.labels_per_class is None:
+        return x, data.train_y[idx], None
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
+    lab = data.labelled[torch.randint(len(data.labelled), (cfg.batch_size,), generator=g).to(device)]
+    return augment(to_float(data.train_x[lab]), flip=info.flip, sigma=cfg.sigma), data.train_y[lab], x
+
+
 # ---- bookkeeping -----------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -252,12 +267,16 @@ def save_sample_grid(model, sampler, buffer, n_classes, shape, path, device, per
 
 class SignalFlag:
     """First Ctrl-C / SIGTERM asks the loop to checkpoint and exit after the current step;
-    a second Ctrl-C aborts at once."""
+    a second Ctrl-C aborts at once. A context manager: the old handlers come back on exit."""
 
-    def __init__(self):
+    def __enter__(self):
         self.signum = None
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+        self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
 
     def _handle(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:
@@ -296,11 +315,10 @@ def main(argv=None):
     cfg, ckpt = resolve_config(argv)
     device = resolve_device(cfg.device)
     info = dataset_info(cfg.dataset)
-    run_dir, sample_dir = open_run_dirs(cfg)
-    torch.manual_seed(cfg.seed)
-
     data = load_jem_data(cfg.dataset, cfg.data_root, device, cfg.n_valid, cfg.train_subset,
                          cfg.labels_per_class)
+    run_dir, sample_dir = open_run_dirs(cfg)
+    torch.manual_seed(cfg.seed)
     model = build_model(**model_kwargs(vars(cfg), info)).to(device)
     if cfg.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
@@ -314,7 +332,6 @@ def main(argv=None):
     buffer = ReplayBuffer(cfg.buffer_size, shape, n_classes=info.n_classes if conditional else None,
                           reinit_freq=cfg.reinit_freq, device=device, **init)
     sampler = SGLDSampler(cfg.n_steps, cfg.step_size, cfg.noise_std)
-    semi_supervised = cfg.labels_per_class is not None
 
     step, best_valid_acc = 0, -1.0
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
@@ -346,69 +363,59 @@ def main(argv=None):
     total = cfg.epochs * iters_per_epoch
     if cfg.max_iters is not None:
         total = min(total, cfg.max_iters)
-    stop = SignalFlag()
+    valid_x, valid_y = data.valid_x[:cfg.max_eval], data.valid_y[:cfg.max_eval]
     model.train()
     bar = tqdm(total=total, initial=step, desc=cfg.run_name, dynamic_ncols=True)
-    perm_epoch, t0 = None, time.time()
-    while step < total:
-        epoch, i = divmod(step, iters_per_epoch)
-        if perm_epoch != epoch:
-            perm, perm_epoch = epoch_permutation(len(data.train_x), cfg.seed, epoch, device), epoch
-        idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-        x = augment(to_float(data.train_x[idx]), flip=info.flip, sigma=cfg.sigma)
-        if semi_supervised:
-            g = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
-            lab = data.labelled[torch.randint(len(data.labelled), (cfg.batch_size,), generator=g).to(device)]
-            x_lab, y_lab, x_unl = augment(to_float(data.train_x[lab]), flip=info.flip, sigma=cfg.sigma), data.train_y[lab], x
-        else:
-            x_lab, y_lab, x_unl = x, data.train_y[idx], None
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, step, iters_per_epoch)
+    t0 = time.time()
+    with SignalFlag() as stop:
+        while step < total:
+            epoch = step // iters_per_epoch
+            x_lab, y_lab, x_unl = training_batch(data, cfg, info, step, iters_per_epoch, device)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step, iters_per_epoch)
+            loss, metrics = jem_loss(model, sampler, buffer, cfg, x_lab, y_lab, x_unl,
+                                     energy_on=epoch >= cfg.pretrain_epochs)
+            loss_value = loss.item()  # the one host sync per step: catches divergence before it spreads
+            if not math.isfinite(loss_value) or abs(loss_value) > cfg.explode_threshold:
+                log({"step": step, "kind": "diverged", "loss": loss_value})
+                raise SystemExit(f"error: loss {loss_value:.3g} at step {step} diverged (threshold "
+                                 f"{cfg.explode_threshold:g}); the last good checkpoint is "
+                                 f"{os.path.join(run_dir, 'last.pt')}: resume it, perhaps with a "
+                                 "lower --lr or --l2-energy 0.1")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            bar.update(1)
 
-        energy_on = epoch >= cfg.pretrain_epochs
-        loss, metrics = jem_loss(model, sampler, buffer, cfg, x_lab, y_lab, x_unl, energy_on)
-        loss_value = loss.item()  # the one host sync per step: catches divergence before it spreads
-        if not math.isfinite(loss_value) or abs(loss_value) > cfg.explode_threshold:
-            log({"step": step, "kind": "diverged", "loss": loss_value})
-            raise SystemExit(f"error: loss {loss_value:.3g} at step {step} diverged (threshold "
-                             f"{cfg.explode_threshold:g}); the last good checkpoint is "
-                             f"{os.path.join(run_dir, 'last.pt')}: resume it, perhaps with a lower --lr "
-                             "or --l2-energy 0.1")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        bar.update(1)
-
-        if step % cfg.log_every == 0 or step == total:
-            record = {k: round(v.item(), 5) for k, v in metrics.items()}
-            bar.set_postfix({k: record[k] for k in ("loss", "acc", "gap") if k in record})
-            log({"step": step, "epoch": epoch, "kind": "train", "lr": optimizer.param_groups[0]["lr"],
-                 "elapsed_s": round(time.time() - t0, 1), **record})
-        if step % cfg.eval_every == 0 or step == total:
-            acc, nll = evaluate(model, data.valid_x, data.valid_y) if len(data.valid_y) else (None, None)
-            log({"step": step, "epoch": epoch, "kind": "valid", "valid_acc": acc, "valid_nll": nll})
-            if acc is None or acc > best_valid_acc:  # without a validation set, best is the latest
-                best_valid_acc = -1.0 if acc is None else acc
-                save_atomic(checkpoint(), os.path.join(run_dir, "best.pt"))
-        if step % cfg.ckpt_every == 0 or step == total or stop.signum:
-            save_atomic(checkpoint(), os.path.join(run_dir, "last.pt"))
-        if (cfg.sample_every and step % cfg.sample_every == 0) or step == total:
-            save_sample_grid(model, sampler, buffer, info.n_classes, shape,
-                             os.path.join(sample_dir, f"step_{step:07d}.png"), device)
-        if stop.signum:
-            bar.close()
-            print(f"saved {os.path.join(run_dir, 'last.pt')} at step {step}; continue with "
-                  f"--run-name {cfg.run_name} --resume", file=sys.stderr)
-            sys.exit(128 + stop.signum)
+            if step % cfg.log_every == 0 or step == total:
+                record = {k: round(v.item(), 5) for k, v in metrics.items()}
+                bar.set_postfix({k: record[k] for k in ("loss", "acc", "gap") if k in record})
+                log({"step": step, "epoch": epoch, "kind": "train", "lr": optimizer.param_groups[0]["lr"],
+                     "elapsed_s": round(time.time() - t0, 1), **record})
+            if step % cfg.eval_every == 0 or step == total:
+                acc, nll = evaluate(model, valid_x, valid_y) if len(valid_y) else (None, None)
+                log({"step": step, "epoch": epoch, "kind": "valid", "valid_acc": acc, "valid_nll": nll})
+                if acc is None or acc > best_valid_acc:  # without a validation set, best is the latest
+                    best_valid_acc = -1.0 if acc is None else acc
+                    save_atomic(checkpoint(), os.path.join(run_dir, "best.pt"))
+            if step % cfg.ckpt_every == 0 or step == total or stop.signum:
+                save_atomic(checkpoint(), os.path.join(run_dir, "last.pt"))
+            if cfg.sample_every and (step % cfg.sample_every == 0 or step == total):
+                save_sample_grid(model, sampler, buffer, info.n_classes, shape,
+                                 os.path.join(sample_dir, f"step_{step:07d}.png"), device)
+            if stop.signum:
+                bar.close()
+                print(f"saved {os.path.join(run_dir, 'last.pt')} at step {step}; continue with "
+                      f"--run-name {cfg.run_name} --resume", file=sys.stderr)
+                sys.exit(128 + stop.signum)
     bar.close()
 
-    test_acc, test_nll = evaluate(model, data.test_x, data.test_y)
+    test_acc, test_nll = evaluate(model, data.test_x[:cfg.max_eval], data.test_y[:cfg.max_eval])
     log({"step": step, "kind": "test", "test_acc": test_acc, "test_nll": test_nll,
          "elapsed_s": round(time.time() - t0, 1)})
     print(f"test accuracy {test_acc:.4f} (nll {test_nll:.4f}) after {step} steps; "
           f"checkpoints in {run_dir}, samples in {sample_dir}")
-
 
 if __name__ == "__main__":
     run(main)

@@ -1,0 +1,71 @@
+"""Models' energy interface and the data pipeline on the real arrays."""
+import numpy as np
+import pytest
+import torch
+
+from data import DataError, augment, epoch_permutation, load_jem_data, load_split
+from models import build_model
+
+
+@pytest.mark.parametrize("arch, kw", [("resnet", dict(width=4)), ("wrn", dict(depth=10, widen=1))])
+@pytest.mark.parametrize("channels, size", [(1, 28), (3, 32)])
+@pytest.mark.parametrize("norm", ["none", "batch", "group", "instance"])
+def test_models_give_logits_and_energies(arch, kw, channels, size, norm):
+    model = build_model(arch, 10, channels, norm=norm, **kw).eval()
+    x = torch.randn(4, channels, size, size)
+    logits = model(x)
+    assert logits.shape == (4, 10)
+    assert torch.allclose(model.energy(x), -torch.logsumexp(logits, 1), atol=1e-5)
+    y = torch.tensor([0, 3, 9, 3])
+    assert torch.allclose(model.energy(x, y), -logits[torch.arange(4), y], atol=1e-5)
+
+
+def test_wrn_rejects_bad_depth():
+    with pytest.raises(ValueError, match="6n"):
+        build_model("wrn", 10, 3, depth=12)
+
+
+def test_offline_arrays_and_splits(data_root):
+    x, y, classes = load_split("mnist", "test", data_root)
+    assert x.shape == (10000, 28, 28, 1) and x.dtype == np.uint8 and len(classes) == 10
+    d = load_jem_data("mnist", data_root, "cpu", n_valid=1000, train_subset=0.1, labels_per_class=5)
+    assert d.train_x.shape[1:] == (1, 28, 28) and len(d.valid_y) == 1000
+    assert torch.bincount(d.train_y).tolist() == [590] * 10  # class-balanced 10% of 59,000
+    assert torch.bincount(d.train_y[d.labelled]).tolist() == [5] * 10
+    again = load_jem_data("mnist", data_root, "cpu", n_valid=1000, train_subset=0.1)
+    assert torch.equal(d.valid_x, again.valid_x)  # the split never depends on the run
+
+
+def test_unknown_dataset_and_missing_root(tmp_path):
+    with pytest.raises(DataError, match="unknown dataset"):
+        load_split("imagenet", "train", str(tmp_path))
+    with pytest.raises(DataError, match="does not exist"):
+        load_split("mnist", "train", str(tmp_path / "nope"))
+
+
+def test_missing_arrays_fall_back_to_torchvision_and_report_failure(tmp_path):
+    """The users' path: no npz -> torchvision download; here there is no network, so a clean error."""
+    with pytest.raises(DataError, match="torchvision download failed"):
+        load_split("mnist", "test", str(tmp_path))
+
+
+def test_augment_crops_flips_and_adds_noise():
+    torch.manual_seed(0)
+    x = torch.linspace(-1, 1, 32).view(1, 1, 1, 32).expand(64, 3, 32, 32).contiguous()
+    out = augment(x, pad=4, flip=True, sigma=0.0)
+    assert out.shape == x.shape
+    rows_equal = (out[:, :, 1:] == out[:, :, :-1]).all()
+    assert rows_equal  # a horizontal ramp stays constant down each column
+    shifts = (out[:, 0, 0, 16] - x[:, 0, 0, 16]).abs()
+    assert (shifts > 0).float().mean() > 0.5  # most images moved
+    flipped = out[:, 0, 0, 20] < out[:, 0, 0, 10]
+    assert 0.3 < flipped.float().mean() < 0.7
+    noisy = augment(x, pad=0, flip=False, sigma=0.03)
+    assert abs((noisy - x).std().item() - 0.03) < 0.002
+
+
+def test_epoch_permutation_is_reproducible():
+    a = epoch_permutation(100, 1, 3, torch.device("cpu"))
+    epoch_permutation(100, 1, 4, torch.device("cpu"))
+    assert torch.equal(a, epoch_permutation(100, 1, 3, torch.device("cpu")))
+    assert not torch.equal(a, epoch_permutation(100, 2, 3, torch.device("cpu")))

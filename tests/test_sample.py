@@ -1,0 +1,66 @@
+"""sample.py from a checkpoint alone: files, shapes, and one-line errors on bad checkpoints."""
+import json
+
+import pytest
+import torch
+from torchvision.io import read_image
+
+import train_jem
+from checkpoint import load_checkpoint, save_atomic
+from conftest import run_script, tiny_run_args
+
+
+@pytest.fixture(scope="module")
+def trained(data_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    train_jem.main(tiny_run_args(data_root, tmp, "s", "--max-iters", "4"))
+    return tmp / "ck" / "s" / "last.pt"
+
+
+@pytest.mark.parametrize("init", ["buffer", "noise"])
+def test_sample_writes_grids_and_individual_pngs(trained, tmp_path, init):
+    out = tmp_path / "draw"
+    r = run_script("sample.py", "--ckpt", trained, "--n-per-class", 3, "--individual", "--out", out,
+                   "--init", init, "--n-steps", 2, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    for c in range(10):
+        files = sorted((out / str(c)).iterdir())
+        assert len(files) == 3
+        assert read_image(str(files[0])).shape[1:] == (28, 28)
+        assert (out / f"class_{c}.png").exists()
+    assert (out / "unconditional.png").exists()
+    settings = json.load(open(out / "sampling.json"))
+    assert settings["init"] == init and settings["n_steps"] == 2
+
+
+def test_sample_defaults_follow_the_checkpoint(trained, tmp_path):
+    r = run_script("sample.py", "--ckpt", trained, "--n-per-class", 1, "--classes", 4, "--out", tmp_path)
+    assert r.returncode == 0, r.stderr
+    settings = json.load(open(tmp_path / "sampling.json"))
+    cfg = load_checkpoint(str(trained))["config"]
+    assert settings["n_steps"] == cfg["n_steps"] and settings["step_size"] == cfg["step_size"]
+
+
+def one_line_error(r, message):
+    lines = r.stderr.strip().splitlines()
+    return r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+
+
+def test_missing_and_corrupt_checkpoints(trained, tmp_path):
+    r = run_script("sample.py", "--ckpt", tmp_path / "absent.pt")
+    assert one_line_error(r, "does not exist"), r.stderr
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(trained.read_bytes()[:5000])  # a write cut short
+    assert one_line_error(run_script("sample.py", "--ckpt", corrupt), "cannot read"), r.stderr
+    junk = tmp_path / "junk.pt"
+    torch.save({"weights": torch.zeros(3)}, junk)
+    assert one_line_error(run_script("sample.py", "--ckpt", junk), "not a checkpoint")
+
+
+def test_checkpoint_of_another_architecture(trained, tmp_path):
+    ckpt = load_checkpoint(str(trained))
+    ckpt["config"]["width"] = 8  # the stored weights are for width 4
+    wrong = tmp_path / "wrong.pt"
+    save_atomic(ckpt, str(wrong))
+    r = run_script("sample.py", "--ckpt", wrong, "--out", tmp_path / "x")
+    assert one_line_error(r, "another architecture"), r.stderr
