@@ -63,7 +63,7 @@ def main(argv=None):
     n_steps = args.n_steps if args.n_steps is not None else (cfg["n_steps"] if buffer is not None else NOISE_START_STEPS)
     step_size = cfg["step_size"] if args.step_size is None else args.step_size
     noise_std = cfg["noise_std"] if args.noise_std is None else args.noise_std
-    sampler = SGLDSampler(n_steps, step_size, noise_std)
+    sampler = SGLDSampler(n_steps, step_size, noise_std, cfg["clamp"])
     classes = args.classes if args.classes else list(range(info.n_classes))
     if any(not 0 <= c < info.n_classes for c in classes):
         raise UsageError(f"--classes must lie in [0, {info.n_classes})")

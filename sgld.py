@@ -22,13 +22,17 @@ class SGLDSampler:
     exp(-E / T) at the temperature T = noise_std**2 / (2 * step_size), a trick that makes short
     chains from a persistent buffer produce sharp images (paper, section 5).
 
+    With clamp=True the chains stay in [-1, 1]: otherwise they can drift to pixel values no
+    image has, where the model raises the energy at no cost to the data and training diverges.
+
     The sampler never changes the model's train/eval mode and leaves no gradients on its
     parameters; the caller decides the mode (JEM samples in eval mode). No host sync happens
     inside the step loop.
     """
 
-    def __init__(self, n_steps=20, step_size=1.0, noise_std=0.01):
+    def __init__(self, n_steps=20, step_size=1.0, noise_std=0.01, clamp=False):
         self.n_steps, self.step_size, self.noise_std = n_steps, step_size, noise_std
+        self.clamp = clamp  # keep chains in the data range [-1, 1]
 
     def __call__(self, model, x, y=None, n_steps=None):
         """Run n_steps (default self.n_steps) on E(x) (y None) or E(x, y); returns a detached tensor."""
@@ -39,6 +43,8 @@ class SGLDSampler:
             with torch.no_grad():
                 x.add_(grad, alpha=-self.step_size)
                 x.add_(torch.randn_like(x), alpha=self.noise_std)
+                if self.clamp:
+                    x.clamp_(-1.0, 1.0)
         return x.detach()
 
 

@@ -100,6 +100,9 @@ def build_parser():
     g.add_argument("--n-steps", type=int, default=20, help="SGLD steps per training step (default: %(default)s)")
     g.add_argument("--step-size", type=float, default=1.0, help="SGLD gradient step (default: %(default)s)")
     g.add_argument("--noise-std", type=float, default=0.01, help="SGLD noise std; JEM's is far below Langevin's sqrt(2*step) (default: %(default)s)")
+    g.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=False,
+                   help="clamp SGLD chains to the data range [-1, 1] after each step; the official "
+                        "code does not, but small models diverge without it (default: %(default)s)")
     g.add_argument("--buffer-size", type=int, default=10000, help="replay buffer images (default: %(default)s)")
     g.add_argument("--reinit-freq", type=float, default=0.05, help="fraction of chains restarted each step (default: %(default)s)")
     g.add_argument("--buffer-init", default="noise", choices=["noise", "data"],
@@ -331,14 +334,17 @@ def main(argv=None):
     init = dict(init_data=data.train_x, init_labels=data.train_y) if cfg.buffer_init == "data" else {}
     buffer = ReplayBuffer(cfg.buffer_size, shape, n_classes=info.n_classes if conditional else None,
                           reinit_freq=cfg.reinit_freq, device=device, **init)
-    sampler = SGLDSampler(cfg.n_steps, cfg.step_size, cfg.noise_std)
+    sampler = SGLDSampler(cfg.n_steps, cfg.step_size, cfg.noise_std, cfg.clamp)
 
     step, best_valid_acc = 0, -1.0
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if ckpt is not None:
         load_model_state(model, ckpt["model"], os.path.join(run_dir, "last.pt"))
         optimizer.load_state_dict(ckpt["optimizer"])
-        buffer.load_state_dict(ckpt["buffer"])
+        try:
+            buffer.load_state_dict(ckpt["buffer"])
+        except ValueError as e:  # e.g. resumed with --pxy-weight after a run without class slices
+            print(f"warning: {e}; starting a fresh replay buffer", file=sys.stderr)
         set_rng_state(ckpt["rng"], device)
         step, best_valid_acc = ckpt["step"], ckpt["best_valid_acc"]
         truncate_metrics(metrics_path, step)
