@@ -40,6 +40,7 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=100, help="chains run at once (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="write into an --out folder that holds an earlier draw")
     return p
 
 
@@ -68,6 +69,8 @@ def main(argv=None):
     if any(not 0 <= c < info.n_classes for c in classes):
         raise UsageError(f"--classes must lie in [0, {info.n_classes})")
     out = args.out or os.path.join("samples", cfg["run_name"], f"draw-{args.init}")
+    if os.path.exists(os.path.join(out, "sampling.json")) and not args.force:
+        raise UsageError(f"'{out}' already holds a draw; choose another --out or pass --force")
     os.makedirs(out, exist_ok=True)
 
     nrow = max(1, int(args.n_per_class ** 0.5))

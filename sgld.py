@@ -54,16 +54,21 @@ class ReplayBuffer:
     With `n_classes` set, slot i belongs to class i // (size // n_classes), so class-conditional
     chains for class y start from and return to that class's slice. Each `sample` re-initialises a
     fraction `reinit_freq` of the drawn chains from uniform noise in [-1, 1] or, if `init_data` is
-    given, from random training images (of the right class for conditional draws).
+    given (uint8 N x C x H x W), from random training images (of the right class for conditional
+    draws) passed through `init_transform`. Give it the data batches' augmentation: chains that
+    start from centred digits while the data are shifted teach the model that centred means fake,
+    and clean test digits are then misclassified (MNIST validation accuracy fell to 62%; 84% when
+    the same model saw shifted digits).
     """
 
     def __init__(self, size, shape, n_classes=None, reinit_freq=0.05, device="cpu",
-                 init_data=None, init_labels=None):
+                 init_data=None, init_labels=None, init_transform=None):
         if n_classes and size % n_classes:
             raise ValueError(f"buffer size {size} must be a multiple of n_classes {n_classes}")
         self.size, self.shape, self.n_classes = size, tuple(shape), n_classes
         self.reinit_freq, self.device = reinit_freq, torch.device(device)
         self.init_data, self.init_labels = init_data, init_labels
+        self.init_transform = init_transform
         if init_data is not None:
             self._index_init_data()
         slot_class = None
@@ -89,7 +94,8 @@ class ReplayBuffer:
         else:
             u = torch.rand(n, device=self.device)
             idx = self._class_start[y] + (u * self._class_count[y]).long()
-        return self.init_data[idx].float().div(127.5).sub(1.0)
+        x = self.init_data[idx].float().div(127.5).sub(1.0)
+        return x if self.init_transform is None else self.init_transform(x)
 
     def sample(self, n, y=None, reinit_freq=None):
         """Draw n chain starts (for classes y, if given) and their slot indices for `update`.

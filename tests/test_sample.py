@@ -64,3 +64,10 @@ def test_checkpoint_of_another_architecture(trained, tmp_path):
     save_atomic(ckpt, str(wrong))
     r = run_script("sample.py", "--ckpt", wrong, "--out", tmp_path / "x")
     assert one_line_error(r, "another architecture"), r.stderr
+
+
+def test_sample_refuses_to_overwrite_an_earlier_draw(trained, tmp_path):
+    args = ["--ckpt", trained, "--n-per-class", 1, "--classes", 0, "--n-steps", 1, "--out", tmp_path]
+    assert run_script("sample.py", *args).returncode == 0
+    assert one_line_error(run_script("sample.py", *args), "already holds a draw")
+    assert run_script("sample.py", *args, "--force").returncode == 0

@@ -123,3 +123,12 @@ def test_class_conditional_samples_from_noise_and_buffer():
     before = buf.x.clone()
     class_conditional_samples(model, sampler, y, (1, 1, 1), buffer=buf, batch_size=30)
     assert torch.equal(buf.x, before)
+
+
+def test_buffer_data_reinit_applies_the_transform():
+    data = torch.zeros(10, 1, 2, 2, dtype=torch.uint8)
+    buf = ReplayBuffer(10, (1, 2, 2), reinit_freq=1.0, init_data=data, init_labels=torch.zeros(10).long(),
+                       init_transform=lambda x: x + 0.25)
+    assert torch.allclose(buf.x, torch.full_like(buf.x, -0.75))      # the initial fill too
+    x, _ = buf.sample(5)
+    assert torch.allclose(x, torch.full_like(x, -0.75))
