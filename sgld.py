@@ -70,6 +70,8 @@ class ReplayBuffer:
         self.init_data, self.init_labels = init_data, init_labels
         self.init_transform = init_transform
         if init_data is not None:
+            if init_labels is None:
+                raise ValueError("init_data needs init_labels")
             self._index_init_data()
         slot_class = None
         if n_classes:
@@ -126,7 +128,8 @@ class ReplayBuffer:
         self.x[idx] = x.detach().to(self.device)
 
     def state_dict(self):
-        return {"x": self.x, "n_classes": self.n_classes, "reinit_freq": self.reinit_freq}
+        """The chains and their class layout; settings such as reinit_freq belong to the caller."""
+        return {"x": self.x, "n_classes": self.n_classes}
 
     def load_state_dict(self, state):
         if tuple(state["x"].shape) != (self.size, *self.shape):
@@ -135,7 +138,6 @@ class ReplayBuffer:
         if state["n_classes"] != self.n_classes:
             raise ValueError("buffer was saved with a different class layout")
         self.x = state["x"].to(self.device)
-        self.reinit_freq = state["reinit_freq"]
 
 
 def class_conditional_samples(model, sampler, classes, shape, buffer=None, batch_size=100,
