@@ -11,7 +11,6 @@ Writes checkpoints/<run>/{last,best}.pt and metrics.jsonl, and sample grids to s
 import argparse
 import functools
 import json
-import math
 import os
 import signal
 import sys
@@ -28,6 +27,7 @@ from cli import UsageError, resolve_device, run
 from data import augment, dataset_info, epoch_permutation, load_jem_data, to_float
 from models import ARCHS, build_model
 from models.energy import energy_from_logits
+from recovery import FAULTS, RUNGS, Guard, derived_seed, host_copy, mitigate
 from sgld import ReplayBuffer, SGLDSampler, class_conditional_samples
 
 PRESETS = {
@@ -67,9 +67,27 @@ def build_parser():
     g.add_argument("--ckpt-every", type=int, default=500, help="steps between last.pt writes (default: %(default)s)")
     g.add_argument("--sample-every", type=int, default=1000, help="steps between sample grids (and one at the end); 0 = none (default: %(default)s)")
     g.add_argument("--max-eval", type=int, help="evaluate on at most this many validation / test images (smoke runs)")
+    g = p.add_argument_group("recovery from divergence (see recovery.py)")
+    g.add_argument("--max-recoveries", type=int, default=8,
+                   help="rollbacks allowed before the run gives up; 0 = stop at the first divergence (default: %(default)s)")
+    g.add_argument("--recovery-ladder", default="reseed,lr,reinit,l2,lr,steps",
+                   help="mitigations applied cumulatively, one per recovery, the last repeated; rungs: "
+                        + ", ".join(RUNGS) + " (default: %(default)s)")
+    g.add_argument("--snapshot-every", type=int, default=200,
+                   help="steps between in-memory copies of the verified state, the rollback target (default: %(default)s)")
     g.add_argument("--explode-threshold", type=float, default=1e8,
-                   help="stop when |loss| exceeds this or is not finite, keeping the last good checkpoint "
+                   help="a step with |loss| above this (or any non-finite loss, logit or gradient) diverged "
                         "(the official code's 1e8; default: %(default)s)")
+    g.add_argument("--max-energy", type=float, default=1e4,
+                   help="a step with a |logit| (= |E(x, y)|) above this on data or samples diverged; healthy "
+                        "runs stay below ~100 (default: %(default)s)")
+    g.add_argument("--max-gap", type=float, default=1e4,
+                   help="a step with |E(data) - E(samples)| above this diverged (default: %(default)s)")
+    g.add_argument("--spike-factor", type=float, default=0.0,
+                   help="also treat loss > running mean + this many running stds as divergence; 0 = off; "
+                        "try 10 (default: %(default)s)")
+    g.add_argument("--inject-fault", action="append", metavar="STEP:KIND",
+                   help="for tests and demos: at STEP inject KIND (" + ", ".join(FAULTS) + "); repeatable")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="cifar10", help="mnist, fashion_mnist, cifar10, cifar100 or svhn (default: %(default)s)")
     g.add_argument("--data-root", default="data", help="holds <dataset>/{train,test}.npz, else torchvision downloads there (default: %(default)s)")
@@ -185,7 +203,8 @@ def draw_samples(model, sampler, buffer, n, y=None):
 
 def jem_loss(model, sampler, buffer, cfg, x_lab, y_lab, x_unl, energy_on):
     """The weighted objective on one batch. x_unl is None when every training image is labelled
-    (then x_lab serves both terms and one forward pass is saved). Returns (loss, metrics)."""
+    (then x_lab serves both terms and one forward pass is saved). Returns (loss, metrics, samples):
+    metrics are 0-d tensors (no host sync here), samples the SGLD chains of this step or None."""
     energy_on = energy_on and (cfg.px_weight > 0 or cfg.pxy_weight > 0)
     chunks, metrics = [x_lab] + ([] if x_unl is None else [x_unl]), {}
     if energy_on and cfg.px_weight > 0:
@@ -197,7 +216,9 @@ def jem_loss(model, sampler, buffer, cfg, x_lab, y_lab, x_unl, energy_on):
         # predicted (MNIST validation accuracy fell from 98% to 48%).
         y_q = y_lab
         chunks.append(draw_samples(model, sampler, buffer, len(x_lab), y_q))
-    logits = model(torch.cat(chunks)).split([len(c) for c in chunks])
+    logits_all = model(torch.cat(chunks))
+    metrics["max_logit"] = logits_all.detach().abs().amax()  # |E(x, y)| of the worst image, for the guard
+    logits = logits_all.split([len(c) for c in chunks])
     logits_lab, rest = logits[0], list(logits[1:])
     logits_unl = logits_lab if x_unl is None else rest.pop(0)
 
@@ -219,7 +240,7 @@ def jem_loss(model, sampler, buffer, cfg, x_lab, y_lab, x_unl, energy_on):
         metrics["e_sample"] = energy_from_logits(logits_q).mean()
         metrics["gap"] = metrics["e_data"] - metrics["e_sample"]
     metrics["loss"] = loss
-    return loss, metrics
+    return loss, metrics, (chunks[-1] if energy_on else None)
 
 
 def learning_rate(cfg, step, iters_per_epoch):
@@ -334,6 +355,11 @@ def truncate_metrics(path, step):
 def main(argv=None):
     cfg, ckpt = resolve_config(argv)
     device = resolve_device(cfg.device)
+    try:
+        guard = Guard(cfg.max_recoveries, cfg.recovery_ladder, cfg.snapshot_every, cfg.explode_threshold,
+                      cfg.max_energy, cfg.max_gap, cfg.spike_factor, cfg.inject_fault)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     info = dataset_info(cfg.dataset)
     data = load_jem_data(cfg.dataset, cfg.data_root, device, cfg.n_valid, cfg.train_subset,
                          cfg.labels_per_class)
@@ -367,6 +393,8 @@ def main(argv=None):
             print(f"warning: {e}; starting a fresh replay buffer", file=sys.stderr)
         set_rng_state(ckpt["rng"], device)
         step, best_valid_acc = ckpt["step"], ckpt["best_valid_acc"]
+        if "recovery" in ckpt:
+            guard.load_state_dict(ckpt["recovery"])
         truncate_metrics(metrics_path, step)
         print(f"resumed '{cfg.run_name}' at step {step}", file=sys.stderr)
     else:
@@ -377,11 +405,42 @@ def main(argv=None):
         return {"format_version": FORMAT_VERSION, "config": vars(cfg), "step": step,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "buffer": buffer.state_dict(), "rng": rng_state(device),
-                "best_valid_acc": best_valid_acc}
+                "best_valid_acc": best_valid_acc, "recovery": guard.state_dict()}
 
     def log(record):
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def roll_back(trigger, values, samples):
+        """A step diverged: restore the last verified state, reseed, climb the mitigation ladder."""
+        nonlocal step
+        last_path = os.path.join(run_dir, "last.pt")
+        if not guard.can_retry():
+            log({"step": step, "kind": "diverged", "trigger": trigger, "values": values})
+            log(guard.summary(finished=False))
+            where = "no verified state yet"
+            if guard.snapshot is not None:
+                save_atomic(guard.snapshot, last_path)
+                where = f"{last_path} holds the last verified state (step {guard.snapshot['step']})"
+            bar.close()
+            raise SystemExit(f"error: step {step} diverged ({trigger}) after {guard.attempt} of "
+                             f"{cfg.max_recoveries} recoveries; {where}: resume it with --resume, "
+                             "perhaps with a lower --lr or --l2-energy 0.1")
+        rung = guard.next_rung()
+        guard.attempt += 1
+        state = host_copy(guard.snapshot)  # a copy: on CPU, loading would alias the snapshot's tensors
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        buffer.load_state_dict(state["buffer"])
+        failed_step, step = step, state["step"]
+        seed = derived_seed(cfg.seed, guard.attempt)
+        torch.manual_seed(seed)
+        action = mitigate(rung, cfg, sampler, buffer)
+        log(guard.record(failed_step, trigger, values, [f"rollback to step {step}", f"seed {seed}", action],
+                         run_dir, samples))
+        tqdm.write(f"step {failed_step} diverged ({trigger}): rolled back to step {step}, seed {seed}, "
+                   f"{action} (recovery {guard.attempt} of {cfg.max_recoveries})", file=sys.stderr)
+        save_atomic(checkpoint(), last_path)  # the verified state and its mitigation survive a crash
 
     iters_per_epoch = len(data.train_x) // cfg.batch_size
     if iters_per_epoch == 0:
@@ -399,17 +458,23 @@ def main(argv=None):
             x_lab, y_lab, x_unl = training_batch(data, cfg, info, step, iters_per_epoch, device)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step, iters_per_epoch)
-            loss, metrics = jem_loss(model, sampler, buffer, cfg, x_lab, y_lab, x_unl,
-                                     energy_on=epoch >= cfg.pretrain_epochs)
-            loss_value = loss.item()  # the one host sync per step: catches divergence before it spreads
-            if not math.isfinite(loss_value) or abs(loss_value) > cfg.explode_threshold:
-                log({"step": step, "kind": "diverged", "loss": loss_value})
-                raise SystemExit(f"error: loss {loss_value:.3g} at step {step} diverged (threshold "
-                                 f"{cfg.explode_threshold:g}); the last good checkpoint is "
-                                 f"{os.path.join(run_dir, 'last.pt')}: resume it, perhaps with a "
-                                 "lower --lr or --l2-energy 0.1")
+            fault = guard.inject(step, model, optimizer)
+            if fault:
+                log({"step": step, "kind": "fault", "fault": fault})
+            loss, metrics, samples = jem_loss(model, sampler, buffer, cfg, x_lab, y_lab, x_unl,
+                                              energy_on=epoch >= cfg.pretrain_epochs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            # the one host sync per step reads every health signal, before the update is applied
+            diverged = guard.check(guard.health_stats(loss, metrics, grad_norm).tolist())
+            if diverged:
+                roll_back(*diverged, samples)
+                bar.n = step
+                bar.refresh()
+                continue
+            # this forward pass has just verified the state of `step` updates
+            guard.maybe_snapshot(step, checkpoint, checkpointed=step % cfg.ckpt_every == 0)
             optimizer.step()
             step += 1
             bar.update(1)
@@ -436,6 +501,11 @@ def main(argv=None):
                       f"--run-name {cfg.run_name} --resume", file=sys.stderr)
                 sys.exit(128 + stop.signum)
     bar.close()
+    summary = guard.summary(finished=True)
+    log({"step": step, **summary})
+    if summary["divergences"]:
+        print(f"recovery: {summary['divergences']} divergences, all recovered; actions: "
+              f"{'; '.join(summary['actions'])}", file=sys.stderr)
 
     test_acc, test_nll = evaluate(model, data.test_x[:cfg.max_eval], data.test_y[:cfg.max_eval])
     log({"step": step, "kind": "test", "test_acc": test_acc, "test_nll": test_nll,
