@@ -145,7 +145,7 @@ def resolve_config(argv):
             raise UsageError("--resume needs --run-name")
         path = os.path.join(args.ckpt_root, args.run_name, "last.pt")
         ckpt = load_checkpoint(path)
-        config = dict(ckpt["config"])
+        config.update(ckpt["config"])  # parser defaults stay for flags newer than the checkpoint
         for key in ("arch", "depth", "widen", "width", "norm", "dataset"):
             if key in explicit and explicit[key] != config[key]:
                 raise CheckpointError(f"'{path}' was trained with {key}={config[key]}; it cannot "

@@ -137,3 +137,17 @@ def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint_that_resumes(dat
         steps.append(ckpt["step"])
         assert all_finite(ckpt)
     assert steps == sorted(steps) and steps[-1] > steps[0]  # each resume went on from the last one
+
+
+def test_a_checkpoint_from_before_the_recovery_flags_resumes(data_root, tmp_path):
+    """Flags added after a checkpoint was written take their defaults on --resume."""
+    train_jem.main(tiny_run_args(data_root, tmp_path, "old", "--max-iters", "3"))
+    path = tmp_path / "ck" / "old" / "last.pt"
+    ckpt = load_checkpoint(str(path))
+    for key in ("max_recoveries", "recovery_ladder", "snapshot_every", "max_energy", "max_gap",
+                "spike_factor", "inject_fault"):
+        del ckpt["config"][key]
+    del ckpt["recovery"]
+    torch.save(ckpt, path)
+    train_jem.main(["--run-name", "old", "--resume", "--ckpt-root", str(tmp_path / "ck"), "--max-iters", "5"])
+    assert load_checkpoint(str(path))["step"] == 5
