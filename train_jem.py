@@ -38,15 +38,15 @@ PRESETS = {
                           step_size=1.0, noise_std=0.01, buffer_size=10000, reinit_freq=0.05,
                           sigma=0.03, pyx_weight=1.0, px_weight=1.0, pxy_weight=0.0),
     # MNIST on a laptop CPU in minutes: a small ResNet pre-trained two epochs as a classifier, then
-    # three epochs of JEM on log p(y|x) + log p(x, y) with class-conditional chains that start from
-    # (augmented) training images and stay in [-1, 1], and a small energy penalty. README, "Why the
-    # mnist-cpu preset looks like this", gives what failed without each of these.
+    # three epochs of JEM on log p(y|x) + 0.3 log p(x, y) with class-conditional chains that start
+    # from (augmented) training images and stay in [-1, 1], and a light energy penalty. README,
+    # "Why the mnist-cpu preset looks like this", gives what failed without each of these.
     "mnist-cpu": dict(dataset="mnist", arch="resnet", width=16, norm="none", optimizer="adam",
                       lr=3e-3, warmup_iters=100, batch_size=64, epochs=5, pretrain_epochs=2,
-                      decay_epochs=[2, 4], decay_rate=0.1, explode_threshold=1e4, n_steps=10, step_size=1.0,
+                      decay_epochs=[1, 4], decay_rate=0.1, explode_threshold=1e4, n_steps=10, step_size=1.0,
                       noise_std=0.01, clamp=True, buffer_size=10000, reinit_freq=0.05,
-                      buffer_init="data", l2_energy=0.1, sigma=0.03, n_valid=1000,
-                      pyx_weight=1.0, px_weight=0.0, pxy_weight=1.0),
+                      buffer_init="data", l2_energy=0.01, sigma=0.03, n_valid=1000,
+                      pyx_weight=1.0, px_weight=0.0, pxy_weight=0.3),
 }
 
 
