@@ -169,23 +169,24 @@ def epoch_permutation(n, seed, epoch, device):
     return torch.randperm(n, generator=g).to(device)
 
 
-def augment(x, pad=4, flip=True, sigma=0.03):
+def augment(x, pad=4, flip=True, sigma=0.03, generator=None):
     """JEM's training transform on a float batch in [-1, 1]: reflect-pad + crop, flip, + noise.
 
-    Runs on the batch's device with the global torch RNG (saved in checkpoints).
+    Runs on the batch's device with `generator` (one on that device), else the global torch RNG.
     """
     n, _, h, w = x.shape
+    g = dict(generator=generator, device=x.device)
     if pad > 0:
         padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-        dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=x.device)
-        dx = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=x.device)
+        dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), **g)
+        dx = torch.randint(0, 2 * pad + 1, (n, 1, 1), **g)
         rows = (dy + torch.arange(h, device=x.device).view(1, h, 1)).expand(n, h, w)
         cols = (dx + torch.arange(w, device=x.device).view(1, 1, w)).expand(n, h, w)
         batch = torch.arange(n, device=x.device).view(n, 1, 1).expand(n, h, w)
         x = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
     if flip:
-        flipped = torch.rand(n, 1, 1, 1, device=x.device) < 0.5
+        flipped = torch.rand(n, 1, 1, 1, **g) < 0.5
         x = torch.where(flipped, x.flip(3), x)
     if sigma > 0:
-        x = x + sigma * torch.randn_like(x)
+        x = x + sigma * torch.randn(x.shape, dtype=x.dtype, **g)
     return x.contiguous()

@@ -1,6 +1,8 @@
 """Fault drill: many short real training runs with injected divergences; do they all recover?
+And what does the guard cost a healthy step?
 
     python fault_drill.py --data-root ../shared/data --runs 20
+    python fault_drill.py --data-root ../shared/data --cost        # healthy steps, guard on vs off
 
 Each run trains a small ResNet JEM on 2,000 real MNIST images for --steps steps with one to three
 faults (a NaN in a weight, or a 10^4 x learning-rate spike) at random steps, seeded by the run
@@ -43,12 +45,78 @@ def drill_run(i, args, root):
             "test_acc": test[0]["test_acc"] if test else None}
 
 
+def guard_cost(args):
+    """Median seconds per healthy JEM step of the mnist-cpu preset (JEM phase) with the guard
+    (gradient norm, health check, snapshots every --snapshot-every steps) and without it (the
+    loss's .item() as the step's one sync), in alternating blocks in one process."""
+    import statistics
+    import time
+
+    import torch
+
+    import train_jem
+    from checkpoint import model_kwargs
+    from data import dataset_info, load_jem_data
+    from models import build_model
+    from recovery import Guard
+    from sgld import ReplayBuffer, SGLDSampler
+
+    cfg, _ = train_jem.resolve_config(["--preset", "mnist-cpu", "--pretrain-epochs", "0", "--device", "cpu"])
+    info = dataset_info(cfg.dataset)
+    data = load_jem_data(cfg.dataset, args.data_root, "cpu", cfg.n_valid)
+    torch.manual_seed(0)
+    model = build_model(**model_kwargs(vars(cfg), info))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    buffer = ReplayBuffer(cfg.buffer_size, (1, 28, 28), n_classes=10, device="cpu")
+    sampler = SGLDSampler(cfg.n_steps, cfg.step_size, cfg.noise_std, cfg.clamp)
+    guard = Guard(snapshot_every=cfg.snapshot_every)
+
+    def state():
+        return {"step": 0, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "buffer": buffer.state_dict()}
+
+    def one_step(step, guarded):
+        x, y, _ = train_jem.training_batch(data, cfg, info, step, 900, "cpu")
+        loss, metrics, _ = train_jem.jem_loss(model, sampler, buffer, cfg, x, y, None, energy_on=True)
+        if not guarded:
+            loss.item()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if guarded:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            assert guard.check(guard.health_stats(loss, metrics, norm).tolist()) is None
+            guard.maybe_snapshot(step, state, checkpointed=step % cfg.ckpt_every == 0)
+        optimizer.step()
+
+    times, step = {False: [], True: []}, 0
+    for r in range(args.rounds + 1):
+        for guarded in (False, True) if r % 2 else (True, False):
+            t = time.perf_counter()
+            for _ in range(args.block):
+                one_step(step, guarded)
+                step += 1
+            if r > 0:  # round 0 warms up
+                times[guarded].append((time.perf_counter() - t) / args.block)
+    off, on = statistics.median(times[False]), statistics.median(times[True])
+    print(f"mnist-cpu JEM step, {args.rounds} rounds of {args.block} steps per side, snapshot every "
+          f"{cfg.snapshot_every} steps\n")
+    print("| side | median s/step | min | max |\n|---|---|---|---|")
+    for name, key in (("guard off", False), ("guard on", True)):
+        print(f"| {name} | {statistics.median(times[key]):.4f} | {min(times[key]):.4f} | {max(times[key]):.4f} |")
+    print(f"\nratio guard on / off: {on / off:.3f}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default="data", help="holds mnist/{train,test}.npz (default: %(default)s)")
     p.add_argument("--runs", type=int, default=20, help="number of runs, seeds 0..runs-1 (default: %(default)s)")
     p.add_argument("--steps", type=int, default=80, help="training steps per run (default: %(default)s)")
+    p.add_argument("--cost", action="store_true", help="instead, time healthy steps with and without the guard")
+    p.add_argument("--rounds", type=int, default=10, help="--cost: timed rounds per side (default: %(default)s)")
+    p.add_argument("--block", type=int, default=20, help="--cost: steps per round (default: %(default)s)")
     args = p.parse_args()
+    if args.cost:
+        return guard_cost(args)
     with tempfile.TemporaryDirectory() as root:
         rows = []
         print("| run | injected faults | recovery events | triggers | finished | test acc |")

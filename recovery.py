@@ -146,6 +146,8 @@ class Guard:
                  "values": values, "rollback_to": self.snapshot["step"] if self.snapshot else None,
                  "actions": actions}
         self.events.append(event)
+        if run_dir is None:  # ranks other than 0 keep the event but write nothing
+            return event
         folder = os.path.join(run_dir, "recovery", f"step_{step:07d}_attempt_{self.attempt}")
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "event.json"), "w") as f:

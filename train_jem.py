@@ -18,17 +18,20 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import save_image
 from tqdm import tqdm
 
 from checkpoint import (FORMAT_VERSION, CheckpointError, load_checkpoint, load_model_state,
                         model_kwargs, save_atomic)
-from cli import UsageError, resolve_device, run
+from cli import UsageError, run
 from data import augment, dataset_info, epoch_permutation, load_jem_data, to_float
+from distributed import (Ranks, barrier, check_buffer_split, gather_buffer, gather_objects,
+                         health_across_ranks, rank_seed, setup, shard_of, sum_across_ranks, teardown)
 from models import ARCHS, build_model
 from models.energy import energy_from_logits
 from recovery import FAULTS, RUNGS, Guard, derived_seed, host_copy, mitigate
-from sgld import ReplayBuffer, SGLDSampler, class_conditional_samples
+from sgld import ReplayBuffer, SGLDSampler, class_conditional_samples, prepare_model, step_ramp
 
 PRESETS = {
     # The paper's CIFAR-10 run (official code's flags and defaults): WRN-28-10 without norm, Adam.
@@ -130,6 +133,28 @@ def build_parser():
     g.add_argument("--reinit-freq", type=float, default=0.05, help="fraction of chains restarted each step (default: %(default)s)")
     g.add_argument("--buffer-init", default="noise", choices=["noise", "data"],
                    help="start (and restart) chains from uniform noise, or from training images (default: %(default)s)")
+    g = p.add_argument_group("few-step sampling", "JEM++ / SADA-JEM ideas for good samples from fewer SGLD steps")
+    g.add_argument("--gaussian-init", type=int, default=0, metavar="RANK",
+                   help="start and restart chains from per-class Gaussians (mean + RANK principal directions) "
+                        "fitted to the augmented training images, stored with the buffer; overrides "
+                        "--buffer-init; 0 = off (default: %(default)s)")
+    g.add_argument("--grad-clip", type=float, metavar="DELTA",
+                   help="clip each pixel's SGLD gradient to [-DELTA, DELTA]; with --clamp, JEM++'s proximal step "
+                        "(default: off)")
+    g.add_argument("--steps-from", type=int, metavar="K0",
+                   help="step-count schedule: K0 SGLD steps when the energy terms switch on, growing linearly "
+                        "to --n-steps over --steps-ramp iterations (default: off, always --n-steps)")
+    g.add_argument("--steps-ramp", type=int, default=1000, help="iterations of the --steps-from ramp (default: %(default)s)")
+    g = p.add_argument_group("speed", "fast paths; all off by default, since each changes the arithmetic a little "
+                                      "(README, Speed, says which to use on a GPU)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="model and SGLD chains in the channels-last layout (default: %(default)s)")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
+                   help="network passes under bf16 autocast; logits, losses and SGLD chains stay fp32 (default: %(default)s)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model and the whole SGLD step (minutes of compiling first) (default: %(default)s)")
+    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
+                   help="replay each SGLD step as a CUDA graph; CUDA only, ignored on CPU (default: %(default)s)")
     return p
 
 
@@ -194,6 +219,7 @@ def energy_l2(e_data, e_sample):
 def draw_samples(model, sampler, buffer, n, y=None):
     """Persistent-chain SGLD: start from the buffer, run the sampler, put the chains back."""
     x0, idx = buffer.sample(n, y)
+    model = getattr(model, "module", model)  # SGLD needs no gradient averaging: bypass DDP
     model.eval()  # sampling must not update batch-norm statistics or see dropout noise
     x = sampler(model, x0, y)
     model.train()
@@ -255,32 +281,40 @@ def learning_rate(cfg, step, iters_per_epoch):
     return lr * cfg.decay_rate ** sum(epoch >= e for e in cfg.decay_epochs)
 
 
-def training_batch(data, cfg, info, step, iters_per_epoch, device):
-    """The augmented batch of this step: (x_lab, y_lab, x_unl). The order is a pure function of
-    (seed, step), so a resumed run sees the same batches. x_unl is None when all images are
-    labelled; in the semi-supervised setting labelled images are drawn from their own small pool."""
+def training_batch(data, cfg, info, step, iters_per_epoch, device, ranks=Ranks()):
+    """This rank's part of the augmented global batch of this step: (x_lab, y_lab, x_unl).
+
+    The global batch (--batch-size images per rank), its order and its augmentation are a pure
+    function of (seed, step): a resumed run sees the same batches, and N ranks together see exactly
+    what one process with an N times larger batch sees. x_unl is None when all images are labelled;
+    in the semi-supervised setting labelled images are drawn from their own small pool."""
+    n, mine = cfg.batch_size * ranks.world, slice(ranks.rank * cfg.batch_size, (ranks.rank + 1) * cfg.batch_size)
     epoch, i = divmod(step, iters_per_epoch)
-    idx = epoch_permutation(len(data.train_x), cfg.seed, epoch, device)[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-    x = augment(to_float(data.train_x[idx]), flip=info.flip, sigma=cfg.sigma)
+    idx = epoch_permutation(len(data.train_x), cfg.seed, epoch, device)[i * n:(i + 1) * n]
+    g = torch.Generator(device).manual_seed(cfg.seed * 100_003 + step)
+    x = augment(to_float(data.train_x[idx]), flip=info.flip, sigma=cfg.sigma, generator=g)[mine]
     if cfg.labels_per_class is None:
-        return x, data.train_y[idx], None
-    g = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
-    lab = data.labelled[torch.randint(len(data.labelled), (cfg.batch_size,), generator=g).to(device)]
-    return augment(to_float(data.train_x[lab]), flip=info.flip, sigma=cfg.sigma), data.train_y[lab], x
+        return x, data.train_y[idx][mine], None
+    lab = data.labelled[torch.randint(len(data.labelled), (n,), generator=g, device=device)]
+    x_lab = augment(to_float(data.train_x[lab]), flip=info.flip, sigma=cfg.sigma, generator=g)[mine]
+    return x_lab, data.train_y[lab][mine], x
 
 
 # ---- bookkeeping -----------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, x_u8, y, batch_size=500):
-    """Accuracy and NLL of the classifier on uint8 images (no augmentation, eval mode)."""
+def evaluate(model, x_u8, y, ranks=Ranks(), batch_size=500):
+    """Accuracy and NLL of the classifier on uint8 images (no augmentation, eval mode). With
+    several ranks each scores every world-th image and the sums are added up."""
     model.eval()
-    correct, nll = 0.0, 0.0
-    for xb, yb in zip(x_u8.split(batch_size), y.split(batch_size)):
-        logits = model(to_float(xb))
-        correct += (logits.argmax(1) == yb).sum().item()
-        nll += F.cross_entropy(logits, yb, reduction="sum").item()
+    sums = torch.zeros(2, dtype=torch.float64, device=y.device)
+    mine = slice(ranks.rank, None, ranks.world)
+    for xb, yb in zip(x_u8[mine].split(batch_size), y[mine].split(batch_size)):
+        logits = model(to_float(xb)).float()
+        sums[0] += (logits.argmax(1) == yb).sum()
+        sums[1] += F.cross_entropy(logits, yb, reduction="sum")
     model.train()
+    correct, nll = sum_across_ranks(ranks, sums).tolist()
     return correct / max(1, len(y)), nll / max(1, len(y))
 
 
@@ -327,14 +361,16 @@ class SignalFlag:
               "(Ctrl-C again to abort)", file=sys.stderr)
 
 
-def open_run_dirs(cfg):
+def open_run_dirs(cfg, ranks=Ranks()):
     run_dir = os.path.join(cfg.ckpt_root, cfg.run_name)
     sample_dir = os.path.join(cfg.samples_root, cfg.run_name)
     if not cfg.resume and (os.path.exists(run_dir) or os.path.exists(sample_dir)):
         raise UsageError(f"run '{cfg.run_name}' already exists ({run_dir}); pass --resume to "
                          "continue it or choose another --run-name")
-    os.makedirs(run_dir, exist_ok=True)
-    os.makedirs(sample_dir, exist_ok=True)
+    barrier(ranks)  # every rank has looked before rank 0 creates
+    if ranks.main:
+        os.makedirs(run_dir, exist_ok=True)
+        os.makedirs(sample_dir, exist_ok=True)
     return run_dir, sample_dir
 
 
@@ -354,7 +390,14 @@ def truncate_metrics(path, step):
 
 def main(argv=None):
     cfg, ckpt = resolve_config(argv)
-    device = resolve_device(cfg.device)
+    ranks, device = setup(cfg.device)  # one process, or one of torchrun's
+    try:
+        train(cfg, ckpt, ranks, device)
+    finally:
+        teardown(ranks)
+
+
+def train(cfg, ckpt, ranks, device):
     try:
         guard = Guard(cfg.max_recoveries, cfg.recovery_ladder, cfg.snapshot_every, cfg.explode_threshold,
                       cfg.max_energy, cfg.max_gap, cfg.spike_factor, cfg.inject_fault)
@@ -363,9 +406,16 @@ def main(argv=None):
     info = dataset_info(cfg.dataset)
     data = load_jem_data(cfg.dataset, cfg.data_root, device, cfg.n_valid, cfg.train_subset,
                          cfg.labels_per_class)
-    run_dir, sample_dir = open_run_dirs(cfg)
+    n_classes = info.n_classes if cfg.pxy_weight > 0 else None  # class slices for p(x|y) chains
+    buffer_size = check_buffer_split(cfg.buffer_size, n_classes, ranks.world)
+    run_dir, sample_dir = open_run_dirs(cfg, ranks)
     torch.manual_seed(cfg.seed)
-    model = build_model(**model_kwargs(vars(cfg), info)).to(device)
+    model = prepare_model(build_model(**model_kwargs(vars(cfg), info)).to(device), cfg.channels_last,
+                          cfg.bf16, "inductor" if cfg.compile else None)
+    net = model  # what the training forward runs: under torchrun, DDP averages its gradients
+    if ranks.enabled:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        torch.manual_seed(rank_seed(cfg.seed, ranks.rank))  # the same weights, each its own chains
     if cfg.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
                                      weight_decay=cfg.weight_decay)
@@ -373,108 +423,146 @@ def main(argv=None):
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay)
     shape = (info.channels, info.image_size, info.image_size)
-    conditional = cfg.pxy_weight > 0
     init = {}
-    if cfg.buffer_init == "data":
+    if cfg.buffer_init == "data" or cfg.gaussian_init:
         init = dict(init_data=data.train_x, init_labels=data.train_y,
-                    init_transform=functools.partial(augment, flip=info.flip, sigma=cfg.sigma))
-    buffer = ReplayBuffer(cfg.buffer_size, shape, n_classes=info.n_classes if conditional else None,
-                          reinit_freq=cfg.reinit_freq, device=device, **init)
-    sampler = SGLDSampler(cfg.n_steps, cfg.step_size, cfg.noise_std, cfg.clamp)
+                    init_transform=functools.partial(augment, flip=info.flip, sigma=cfg.sigma),
+                    gaussian_rank=cfg.gaussian_init or None)
+    buffer = ReplayBuffer(buffer_size, shape, n_classes=n_classes, reinit_freq=cfg.reinit_freq,
+                          device=device, **init)
+    draws_per_iter = (cfg.px_weight > 0) + (cfg.pxy_weight > 0)  # the ramp counts buffer updates
+    sampler = SGLDSampler(cfg.n_steps, cfg.step_size, cfg.noise_std, cfg.clamp, cfg.grad_clip,
+                          schedule=None if cfg.steps_from is None else
+                          step_ramp(buffer, cfg.steps_from, cfg.n_steps, cfg.steps_ramp * draws_per_iter),
+                          channels_last=cfg.channels_last, compile="inductor" if cfg.compile else None,
+                          cuda_graph=cfg.cuda_graph and device.type == "cuda")
 
     step, best_valid_acc = 0, -1.0
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if ckpt is not None:
         load_model_state(model, ckpt["model"], os.path.join(run_dir, "last.pt"))
         optimizer.load_state_dict(ckpt["optimizer"])
+        saved_world = ckpt.get("world_size", 1)
         try:
-            buffer.load_state_dict(ckpt["buffer"])
-        except ValueError as e:  # e.g. resumed with --pxy-weight after a run without class slices
-            print(f"warning: {e}; starting a fresh replay buffer", file=sys.stderr)
-        set_rng_state(ckpt["rng"], device)
+            whole = ckpt["buffer"]["x"]
+            buffer.load_state_dict({**ckpt["buffer"], "x": shard_of(whole, n_classes, ranks.rank, ranks.world)})
+        except (ValueError, RuntimeError) as e:  # e.g. resumed with --pxy-weight after a run without
+            print(f"warning: {e}; starting a fresh replay buffer", file=sys.stderr)  # class slices
+        rngs = ckpt.get("rng_ranks", [ckpt["rng"]])
+        if ranks.rank < len(rngs):
+            set_rng_state(rngs[ranks.rank], device)
+        else:
+            torch.manual_seed(rank_seed(cfg.seed + ckpt["step"], ranks.rank))
         step, best_valid_acc = ckpt["step"], ckpt["best_valid_acc"]
         if "recovery" in ckpt:
             guard.load_state_dict(ckpt["recovery"])
-        truncate_metrics(metrics_path, step)
-        print(f"resumed '{cfg.run_name}' at step {step}", file=sys.stderr)
-    else:
+        if ranks.main:
+            truncate_metrics(metrics_path, step)
+            if saved_world != ranks.world:
+                print(f"re-sharded the replay buffer of {saved_world} rank(s) over {ranks.world}",
+                      file=sys.stderr)
+            print(f"resumed '{cfg.run_name}' at step {step}", file=sys.stderr)
+    elif ranks.main:
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(vars(cfg), f, indent=2)
 
-    def checkpoint():
-        return {"format_version": FORMAT_VERSION, "config": vars(cfg), "step": step,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "buffer": buffer.state_dict(), "rng": rng_state(device),
-                "best_valid_acc": best_valid_acc, "recovery": guard.state_dict()}
+    def local_state():
+        """This rank's state, what a rollback restores."""
+        return {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "buffer": buffer.state_dict()}
+
+    def save(name):
+        """One checkpoint of the whole run, every rank's buffer shard and RNG included, written by
+        rank 0. Every rank must call it."""
+        whole = gather_buffer(ranks, buffer.state_dict()["x"], n_classes)
+        rngs = gather_objects(ranks, rng_state(device))
+        if ranks.main:
+            save_atomic({"format_version": FORMAT_VERSION, "config": vars(cfg), "step": step,
+                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "buffer": {**buffer.state_dict(), "x": whole}, "rng": rngs[0], "rng_ranks": rngs,
+                         "world_size": ranks.world, "best_valid_acc": best_valid_acc,
+                         "recovery": guard.state_dict()}, os.path.join(run_dir, name))
 
     def log(record):
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if ranks.main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def restore(state):
+        nonlocal step
+        state = host_copy(state)  # a copy: on CPU, loading would alias the snapshot's tensors
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        buffer.load_state_dict(state["buffer"])
+        step = state["step"]
 
     def roll_back(trigger, values, samples):
-        """A step diverged: restore the last verified state, reseed, climb the mitigation ladder."""
-        nonlocal step
-        last_path = os.path.join(run_dir, "last.pt")
+        """A step diverged (on some rank; all agree): restore the last verified state, reseed,
+        climb the mitigation ladder."""
+        failed_step, last_path = step, os.path.join(run_dir, "last.pt")
         if not guard.can_retry():
             log({"step": step, "kind": "diverged", "trigger": trigger, "values": values})
-            log(guard.summary(finished=False))
+            log({"step": step, **guard.summary(finished=False)})
             where = "no verified state yet"
             if guard.snapshot is not None:
-                save_atomic(guard.snapshot, last_path)
-                where = f"{last_path} holds the last verified state (step {guard.snapshot['step']})"
+                restore(guard.snapshot)
+                save("last.pt")
+                where = f"{last_path} holds the last verified state (step {step})"
             bar.close()
-            raise SystemExit(f"error: step {step} diverged ({trigger}) after {guard.attempt} of "
+            raise SystemExit(f"error: step {failed_step} diverged ({trigger}) after {guard.attempt} of "
                              f"{cfg.max_recoveries} recoveries; {where}: resume it with --resume, "
                              "perhaps with a lower --lr or --l2-energy 0.1")
         rung = guard.next_rung()
         guard.attempt += 1
-        state = host_copy(guard.snapshot)  # a copy: on CPU, loading would alias the snapshot's tensors
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        buffer.load_state_dict(state["buffer"])
-        failed_step, step = step, state["step"]
+        restore(guard.snapshot)
         seed = derived_seed(cfg.seed, guard.attempt)
-        torch.manual_seed(seed)
+        torch.manual_seed(rank_seed(seed, ranks.rank))
         action = mitigate(rung, cfg, sampler, buffer)
         log(guard.record(failed_step, trigger, values, [f"rollback to step {step}", f"seed {seed}", action],
-                         run_dir, samples))
-        tqdm.write(f"step {failed_step} diverged ({trigger}): rolled back to step {step}, seed {seed}, "
-                   f"{action} (recovery {guard.attempt} of {cfg.max_recoveries})", file=sys.stderr)
-        save_atomic(checkpoint(), last_path)  # the verified state and its mitigation survive a crash
+                         run_dir if ranks.main else None, samples))
+        if ranks.main:
+            tqdm.write(f"step {failed_step} diverged ({trigger}): rolled back to step {step}, seed {seed}, "
+                       f"{action} (recovery {guard.attempt} of {cfg.max_recoveries})", file=sys.stderr)
+        save("last.pt")  # the verified state and its mitigation survive a crash
 
-    iters_per_epoch = len(data.train_x) // cfg.batch_size
+    iters_per_epoch = len(data.train_x) // (cfg.batch_size * ranks.world)
     if iters_per_epoch == 0:
-        raise UsageError(f"--batch-size {cfg.batch_size} exceeds the {len(data.train_x)} training images")
+        raise UsageError(f"--batch-size {cfg.batch_size} x {ranks.world} rank(s) exceeds the "
+                         f"{len(data.train_x)} training images")
     total = cfg.epochs * iters_per_epoch
     if cfg.max_iters is not None:
         total = min(total, cfg.max_iters)
     valid_x, valid_y = data.valid_x[:cfg.max_eval], data.valid_y[:cfg.max_eval]
     model.train()
-    bar = tqdm(total=total, initial=step, desc=cfg.run_name, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc=cfg.run_name, dynamic_ncols=True, disable=not ranks.main)
     t0 = time.time()
-    with SignalFlag() as stop:
+    with SignalFlag() as signals:
         while step < total:
             epoch = step // iters_per_epoch
-            x_lab, y_lab, x_unl = training_batch(data, cfg, info, step, iters_per_epoch, device)
+            x_lab, y_lab, x_unl = training_batch(data, cfg, info, step, iters_per_epoch, device, ranks)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step, iters_per_epoch)
             fault = guard.inject(step, model, optimizer)
             if fault:
                 log({"step": step, "kind": "fault", "fault": fault})
-            loss, metrics, samples = jem_loss(model, sampler, buffer, cfg, x_lab, y_lab, x_unl,
+            loss, metrics, samples = jem_loss(net, sampler, buffer, cfg, x_lab, y_lab, x_unl,
                                               energy_on=epoch >= cfg.pretrain_epochs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-            # the one host sync per step reads every health signal, before the update is applied
-            diverged = guard.check(guard.health_stats(loss, metrics, grad_norm).tolist())
+            signalled = loss.new_tensor([float(signals.signum is not None)]).squeeze()
+            # the one host sync per step reads every health signal of every rank, and whether any
+            # rank got Ctrl-C / SIGTERM, before the update is applied: all ranks decide alike
+            *health, stop = health_across_ranks(
+                ranks, torch.stack([*guard.health_stats(loss, metrics, grad_norm), signalled])).tolist()
+            diverged = guard.check(health)
             if diverged:
                 roll_back(*diverged, samples)
                 bar.n = step
                 bar.refresh()
                 continue
             # this forward pass has just verified the state of `step` updates
-            guard.maybe_snapshot(step, checkpoint, checkpointed=step % cfg.ckpt_every == 0)
+            guard.maybe_snapshot(step, local_state, checkpointed=step % cfg.ckpt_every == 0)
             optimizer.step()
             step += 1
             bar.update(1)
@@ -485,33 +573,36 @@ def main(argv=None):
                 log({"step": step, "epoch": epoch, "kind": "train", "lr": optimizer.param_groups[0]["lr"],
                      "elapsed_s": round(time.time() - t0, 1), **record})
             if step % cfg.eval_every == 0 or step == total:
-                acc, nll = evaluate(model, valid_x, valid_y) if len(valid_y) else (None, None)
+                acc, nll = evaluate(model, valid_x, valid_y, ranks) if len(valid_y) else (None, None)
                 log({"step": step, "epoch": epoch, "kind": "valid", "valid_acc": acc, "valid_nll": nll})
                 if acc is None or acc > best_valid_acc:  # without a validation set, best is the latest
                     best_valid_acc = -1.0 if acc is None else acc
-                    save_atomic(checkpoint(), os.path.join(run_dir, "best.pt"))
-            if step % cfg.ckpt_every == 0 or step == total or stop.signum:
-                save_atomic(checkpoint(), os.path.join(run_dir, "last.pt"))
-            if cfg.sample_every and (step % cfg.sample_every == 0 or step == total):
+                    save("best.pt")
+            if step % cfg.ckpt_every == 0 or step == total or stop:
+                save("last.pt")
+            if ranks.main and cfg.sample_every and (step % cfg.sample_every == 0 or step == total):
                 save_sample_grid(model, sampler, buffer, info.n_classes, shape,
                                  os.path.join(sample_dir, f"step_{step:07d}.png"), device)
-            if stop.signum:
+            if stop:
                 bar.close()
-                print(f"saved {os.path.join(run_dir, 'last.pt')} at step {step}; continue with "
-                      f"--run-name {cfg.run_name} --resume", file=sys.stderr)
-                sys.exit(128 + stop.signum)
+                if ranks.main:
+                    print(f"saved {os.path.join(run_dir, 'last.pt')} at step {step}; continue with "
+                          f"--run-name {cfg.run_name} --resume", file=sys.stderr)
+                sys.exit(128 + (signals.signum or signal.SIGTERM))
     bar.close()
     summary = guard.summary(finished=True)
     log({"step": step, **summary})
-    if summary["divergences"]:
+    if summary["divergences"] and ranks.main:
         print(f"recovery: {summary['divergences']} divergences, all recovered; actions: "
               f"{'; '.join(summary['actions'])}", file=sys.stderr)
 
-    test_acc, test_nll = evaluate(model, data.test_x[:cfg.max_eval], data.test_y[:cfg.max_eval])
+    test_acc, test_nll = evaluate(model, data.test_x[:cfg.max_eval], data.test_y[:cfg.max_eval], ranks)
     log({"step": step, "kind": "test", "test_acc": test_acc, "test_nll": test_nll,
          "elapsed_s": round(time.time() - t0, 1)})
-    print(f"test accuracy {test_acc:.4f} (nll {test_nll:.4f}) after {step} steps; "
-          f"checkpoints in {run_dir}, samples in {sample_dir}")
+    if ranks.main:
+        print(f"test accuracy {test_acc:.4f} (nll {test_nll:.4f}) after {step} steps; "
+              f"checkpoints in {run_dir}, samples in {sample_dir}")
+
 
 if __name__ == "__main__":
     run(main)
