@@ -1,0 +1,218 @@
+"""metrics.py against known answers, and eval_jem.py as a user runs it on a tiny checkpoint."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import eval_jem
+import metrics
+import train_jem
+from checkpoint import FORMAT_VERSION, save_atomic
+from cli import run
+from conftest import run_script, tiny_run_args
+from data import dataset_info
+from models.energy import energy_from_logits
+from models.judge import JudgeCNN
+from train_classifier import ARCH
+
+
+# ---- calibration ----------------------------------------------------------------------------------
+
+def two_class_probs(conf, correct):
+    """Predictions of class 0 with confidence `conf`; the label is 0 where `correct`, else 1."""
+    conf = torch.tensor(conf, dtype=torch.float64)
+    probs = torch.stack([conf, 1 - conf], 1)
+    return probs, torch.tensor([0 if c else 1 for c in correct])
+
+
+def test_ece_on_hand_built_predictions():
+    # 4 at confidence 0.9 with 3 right (gap 0.15), 6 at 0.6 all right (gap 0.4): 0.4*0.15 + 0.6*0.4
+    probs, y = two_class_probs([0.9] * 4 + [0.6] * 6, [1, 1, 1, 0] + [1] * 6)
+    assert metrics.expected_calibration_error(probs, y, n_bins=10) == pytest.approx(0.30)
+    # one bin: |overall accuracy - mean confidence| = |0.9 - 0.72|
+    assert metrics.expected_calibration_error(probs, y, n_bins=1) == pytest.approx(0.18)
+    # perfectly calibrated: confidence 0.75, three in four right
+    probs, y = two_class_probs([0.75] * 4, [1, 0, 1, 1])
+    assert metrics.expected_calibration_error(probs, y) == pytest.approx(0.0)
+
+
+def test_calibration_bins_are_right_closed():
+    probs, y = two_class_probs([0.5, 0.5000001, 0.95, 1.0], [1, 1, 0, 1])
+    b = metrics.calibration_bins(probs, y, n_bins=10)
+    assert b["count"].tolist() == [0, 0, 0, 0, 1, 1, 0, 0, 0, 2]  # 0.5 in (0.4, 0.5], 1.0 in (0.9, 1]
+    assert b["accuracy"][9] == pytest.approx(0.5) and np.isnan(b["accuracy"][0])
+
+
+def test_nll_and_brier_known_values():
+    y = torch.tensor([0, 1])
+    assert metrics.nll(torch.zeros(2, 2), y) == pytest.approx(np.log(2))
+    assert metrics.brier_score(torch.full((2, 2), 0.5), y) == pytest.approx(0.5)
+    assert metrics.brier_score(F.one_hot(y, 3).float(), y) == 0.0
+    assert metrics.brier_score(F.one_hot(1 - y, 2).float(), y) == pytest.approx(2.0)
+
+
+# ---- OOD detection --------------------------------------------------------------------------------
+
+def rank_auroc(s_in, s_out):
+    """Mann-Whitney: (rank sum of the in-distribution scores - its minimum) / (n_in n_out), ties averaged."""
+    s = np.concatenate([s_in, s_out])
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s))
+    ranks[order] = np.arange(1, len(s) + 1)
+    for v in np.unique(s):  # average the ranks of tied values
+        ranks[s == v] = ranks[s == v].mean()
+    n_in, n_out = len(s_in), len(s_out)
+    return (ranks[:n_in].sum() - n_in * (n_in + 1) / 2) / (n_in * n_out)
+
+
+def test_auroc_matches_the_rank_reference_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        s_in = rng.integers(0, 12, size=137).astype(float)   # integer scores: many ties
+        s_out = rng.integers(-3, 9, size=91).astype(float)
+        assert metrics.auroc(s_in, s_out) == pytest.approx(rank_auroc(s_in, s_out), abs=1e-12)
+    assert metrics.auroc([3.0, 4.0], [1.0, 2.0]) == 1.0
+    assert metrics.auroc([1.0, 2.0], [3.0, 4.0]) == 0.0
+    assert metrics.auroc([1.0, 1.0], [1.0]) == 0.5
+
+
+def test_aupr_and_fpr_at_95_tpr():
+    s_in, s_out = np.arange(100.0), np.arange(-10, 10) + 0.5
+    # 95% of the in scores are >= 5; the OOD scores 5.5 ... 9.5 (5 of 20) pass that threshold
+    assert metrics.fpr_at_tpr(s_in, s_out, 0.95) == pytest.approx(0.25)
+    assert metrics.aupr_in([2.0, 3.0], [0.0, 1.0]) == 1.0
+    # ranking out, in, out, in: precision 1/2 at recall 1/2, 2/4 at recall 1 -> AP 0.5
+    assert metrics.aupr_in([3.0, 1.0], [4.0, 2.0]) == pytest.approx(0.5)
+
+
+class Quadratic(nn.Module):
+    """One logit, -||x||^2 / 2: d logsumexp / dx = -x, so the gradient-norm score is -||x||."""
+
+    def forward(self, x):
+        return -0.5 * x.flatten(1).square().sum(1, keepdim=True)
+
+
+class Linear(nn.Module):
+    def __init__(self, d=12, k=3):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(k, d, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x):
+        return x.flatten(1) @ self.w.T
+
+    def energy(self, x, y=None):  # the interface the SGLD sampler uses
+        return energy_from_logits(self(x), y)
+
+
+def test_gradient_norm_score_on_models_with_known_gradients():
+    x = torch.randn(5, 1, 2, 3)
+    assert torch.allclose(metrics.score_grad_norm(Quadratic(), x), -x.flatten(1).norm(dim=1))
+    lin = Linear(d=6)
+    # d/dx logsumexp(W x) = W^T softmax(W x)
+    expected = (lin(x).softmax(1) @ lin.w).norm(dim=1)
+    assert torch.allclose(metrics.score_grad_norm(lin, x), -expected, atol=1e-6)
+    assert torch.allclose(metrics.score_log_px(torch.zeros(2, 4)), torch.full((2,), np.log(4.0)))
+
+
+# ---- robustness -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
+def test_pgd_increases_the_loss_and_stays_in_the_ball(norm, eps):
+    model = Linear(d=12, k=3)
+    x = torch.rand(64, 1, 3, 4) * 1.6 - 0.8
+    y = model(x).argmax(1)  # labels the model gets right
+    x_adv = metrics.pgd_attack(model, x, y, eps, norm, n_steps=10, generator=torch.Generator().manual_seed(0))
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().max(1).values if norm == "linf" else delta.norm(dim=1)
+    assert (size <= eps + 1e-5).all() and x_adv.min() >= -1 and x_adv.max() <= 1
+    assert F.cross_entropy(model(x_adv), y) > F.cross_entropy(model(x), y) + 0.05
+    assert metrics.accuracy(model(x_adv), y) < 1.0
+    assert torch.equal(metrics.pgd_attack(model, x, y, 0.0, norm), x)
+
+
+def test_bpda_refinement_attacks_through_the_defence():
+    """Forward: classify the SGLD-refined input. Backward: the refinement counts as the identity, so
+    the gradient w.r.t. the input is the classifier's gradient at the refined point."""
+    model = Linear(d=12, k=3)
+    sampler = eval_jem.SGLDSampler(n_steps=3, step_size=0.05, noise_std=0.0, clamp=True)  # deterministic
+    classify = eval_jem.refined_classifier(model, sampler, n_steps=3, n_chains=1)
+    x = (torch.rand(8, 1, 3, 4) * 1.6 - 0.8).requires_grad_(True)
+    y = torch.zeros(8, dtype=torch.long)
+    (grad,) = torch.autograd.grad(F.cross_entropy(classify(x), y), x)
+    x_ref = sampler(model, x, None).requires_grad_(True)
+    assert not torch.allclose(x_ref, x)  # the refinement did move the input
+    assert torch.allclose(classify(x), model(x_ref))
+    (grad_at_ref,) = torch.autograd.grad(F.cross_entropy(model(x_ref), y), x_ref)
+    assert torch.allclose(grad, grad_at_ref, atol=1e-6)
+
+
+def test_ood_sets_are_converted_to_the_in_distribution_shape():
+    rgb = torch.rand(4, 3, 32, 32) * 2 - 1
+    grey = eval_jem.match_shape(rgb, dataset_info("mnist"))
+    assert grey.shape == (4, 1, 28, 28) and grey.min() >= -1 and grey.max() <= 1
+    assert eval_jem.match_shape(grey, dataset_info("cifar10")).shape == (4, 3, 32, 32)
+
+
+# ---- the command ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(data_root, tmp_path_factory):
+    """A 3-step JEM checkpoint and a randomly initialised (untrained) judge of MNIST."""
+    tmp = tmp_path_factory.mktemp("eval")
+    train_jem.main(tiny_run_args(data_root, tmp, "e", "--max-iters", "3", "--pxy-weight", "1"))
+    judge = tmp / "judge.pt"
+    config = {"arch": ARCH, "dataset": "mnist", "width": 4}
+    save_atomic({"format_version": FORMAT_VERSION, "config": config,
+                 "model": JudgeCNN(1, 10, 28, width=4).state_dict()}, str(judge))
+    return tmp / "ck" / "e" / "last.pt", judge
+
+
+def test_eval_all_modes_on_a_tiny_checkpoint(tiny, data_root, tmp_path):
+    ckpt, judge = tiny
+    out = tmp_path / "res"
+    r = run_script("eval_jem.py", "--ckpt", ckpt, ckpt, "--labels", "a", "b", "--mode", *eval_jem.MODES,
+                   "--data-root", data_root, "--out", out, "--device", "cpu", "--n-test", 60,
+                   "--n-refine", 20, "--refine-steps", 2, "--n-ood", 30, "--ood", "fashion_mnist", "uniform",
+                   "interp", "--n-robust", 20, "--pgd-steps", 2, "--eps-linf", 0, 0.3, "--norms", "linf",
+                   "--judge", judge, "--n-samples", 40, "--sample-steps", 2, "--batch-size", 32)
+    assert r.returncode == 0, r.stderr
+    acc = json.load(open(out / "accuracy.json"))["models"]
+    assert set(acc) == {"a", "b"} and 0 <= acc["a"]["acc"] <= 1 and acc["a"]["acc"] == acc["b"]["acc"]
+    cal = json.load(open(out / "calibration.json"))
+    assert cal["protocol"]["n_test"] == 60 and sum(cal["models"]["a"]["bins"]["count"]) == 60
+    ood = json.load(open(out / "ood.json"))["models"]["a"]["sets"]
+    assert set(ood) == {"fashion_mnist", "uniform", "interp"}
+    assert set(ood["uniform"]) == set(eval_jem.SCORES) and 0 <= ood["uniform"]["log_px"]["auroc"] <= 1
+    rob = json.load(open(out / "robustness.json"))["models"]["a"]["robust_acc"]
+    assert set(rob) == {"linf/none", "linf/sgld-2"} and rob["linf/none"][1] <= rob["linf/none"][0]
+    samples = json.load(open(out / "samples.json"))["models"]["a"]
+    fresh = samples["fresh"]
+    assert (fresh["n"], fresh["init"], fresh["steps"]) == (40, "noise", 2) and np.isfinite(fresh["fid_judge"])
+    assert "replay buffer" in samples["replay_buffer"]["what"]
+    for png in ("calibration", "ood_hist", "robustness", "samples_fresh_a", "samples_buffer_b"):
+        assert (out / f"{png}.png").stat().st_size > 1000
+
+
+def one_line_error(r, message):
+    lines = r.stderr.strip().splitlines()
+    return r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+
+
+def test_bad_input_gives_one_line_errors(tiny, tmp_path, capsys):
+    ckpt, _ = tiny
+    r = run_script("eval_jem.py", "--ckpt", tmp_path / "absent.pt")  # as a user sees it
+    assert one_line_error(r, "does not exist"), r.stderr
+
+    def error_of(*argv):  # the rest in-process: the same cli.run path, without a torch import each
+        with pytest.raises(SystemExit) as exit_info:
+            run(lambda: eval_jem.main([str(a) for a in argv]))
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error:")
+        return lines[0]
+    assert "unknown mode 'fid'" in error_of("--ckpt", ckpt, "--mode", "accuracy", "fid")
+    assert "unknown OOD set 'celeba'" in error_of("--ckpt", ckpt, "--mode", "ood", "--ood", "svhn", "celeba")
+    assert "in-distribution" in error_of("--ckpt", ckpt, "--mode", "ood", "--ood", "mnist")
+    assert "needs a judge" in error_of("--ckpt", ckpt, "--mode", "samples", "--judge", tmp_path / "no.pt")
