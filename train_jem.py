@@ -408,6 +408,10 @@ def train(cfg, ckpt, ranks, device):
                          cfg.labels_per_class)
     n_classes = info.n_classes if cfg.pxy_weight > 0 else None  # class slices for p(x|y) chains
     buffer_size = check_buffer_split(cfg.buffer_size, n_classes, ranks.world)
+    if n_classes and buffer_size // n_classes < cfg.batch_size:  # a batch may be all one class
+        raise UsageError(f"--buffer-size {cfg.buffer_size} leaves {buffer_size // n_classes} chains per class"
+                         f"{' per rank' if ranks.enabled else ''}, fewer than --batch-size {cfg.batch_size}: "
+                         f"use --buffer-size {n_classes * cfg.batch_size * ranks.world} or more")
     run_dir, sample_dir = open_run_dirs(cfg, ranks)
     torch.manual_seed(cfg.seed)
     model = prepare_model(build_model(**model_kwargs(vars(cfg), info)).to(device), cfg.channels_last,

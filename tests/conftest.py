@@ -26,7 +26,7 @@ def tiny_run_args(data_root, tmp_path, name, *extra):
     """A JEM run on 160 real MNIST images that takes a second per few steps on a CPU."""
     return ["--dataset", "mnist", "--data-root", data_root, "--arch", "resnet", "--width", "4",
             "--train-subset", "160", "--n-valid", "50", "--max-eval", "200", "--batch-size", "16",
-            "--n-steps", "3", "--buffer-size", "100", "--px-weight", "1", "--pxy-weight", "1",
+            "--n-steps", "3", "--buffer-size", "160", "--px-weight", "1", "--pxy-weight", "1",
             "--warmup-iters", "5", "--lr", "1e-3", "--epochs", "20", "--decay-epochs", "1",
             "--eval-every", "4", "--ckpt-every", "5", "--log-every", "2", "--sample-every", "0",
             "--ckpt-root", str(tmp_path / "ck"), "--samples-root", str(tmp_path / "sm"),

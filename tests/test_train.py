@@ -126,3 +126,9 @@ def test_resume_as_another_architecture_is_refused(data_root, tmp_path):
                    "--arch", "wrn")
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1 and "another architecture" in lines[0], r.stderr
+
+
+def test_a_buffer_too_small_for_class_slices_is_one_line(data_root, tmp_path):
+    r = run_script("train_jem.py", *tiny_run_args(data_root, tmp_path, "small", "--buffer-size", "50"))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and "--buffer-size 160 or more" in lines[0], r.stderr
