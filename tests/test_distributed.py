@@ -39,16 +39,16 @@ def test_shards_merge_back_and_reshard(n_classes):
 
 
 def test_two_ranks_train_resume_exactly_and_reshard_to_one(data_root, tmp_path):
-    args = ddp_args(data_root, tmp_path, "ddp", "--max-iters", "8")
+    args = ddp_args(data_root, tmp_path, "ddp", "--max-iters", "24")
     r = torchrun(2, *args)
     assert r.returncode == 0, r.stderr[-3000:]
     straight = load_checkpoint(str(tmp_path / "ck" / "ddp" / "last.pt"))
-    assert straight["step"] == 8 and straight["world_size"] == 2
+    assert straight["step"] == 24 and straight["world_size"] == 2
     assert straight["buffer"]["x"].shape[0] == 400 and len(straight["rng_ranks"]) == 2
 
-    r = torchrun(2, *ddp_args(data_root, tmp_path, "ddp-split", "--max-iters", "4"))
+    r = torchrun(2, *ddp_args(data_root, tmp_path, "ddp-split", "--max-iters", "12"))
     assert r.returncode == 0, r.stderr[-3000:]
-    r = torchrun(2, "--run-name", "ddp-split", "--resume", "--ckpt-root", tmp_path / "ck", "--max-iters", "8")
+    r = torchrun(2, "--run-name", "ddp-split", "--resume", "--ckpt-root", tmp_path / "ck", "--max-iters", "24")
     assert r.returncode == 0, r.stderr[-3000:]
     resumed = load_checkpoint(str(tmp_path / "ck" / "ddp-split" / "last.pt"))
     for key in straight["model"]:
@@ -56,11 +56,11 @@ def test_two_ranks_train_resume_exactly_and_reshard_to_one(data_root, tmp_path):
     assert torch.equal(straight["buffer"]["x"], resumed["buffer"]["x"])
 
     r = run_script("train_jem.py", "--run-name", "ddp", "--resume", "--ckpt-root", tmp_path / "ck",
-                   "--max-iters", "10")
+                   "--max-iters", "28")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "re-shard" in r.stderr
     one = load_checkpoint(str(tmp_path / "ck" / "ddp" / "last.pt"))
-    assert one["step"] == 10 and one["world_size"] == 1 and one["buffer"]["x"].shape[0] == 400
+    assert one["step"] == 28 and one["world_size"] == 1 and one["buffer"]["x"].shape[0] == 400
 
 
 def test_two_ranks_give_the_update_of_one_process_with_twice_the_batch(data_root, tmp_path):
