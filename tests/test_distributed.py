@@ -1,5 +1,6 @@
 """Data-parallel training with torchrun on CPU (gloo): sharded buffer, exact resume, re-sharding,
 and the same update as one process with the whole batch."""
+import json
 import os
 import signal
 import subprocess
@@ -103,3 +104,13 @@ def test_sigterm_to_one_rank_saves_one_checkpoint_and_no_rank_hangs(data_root, t
     r = torchrun(2, "--run-name", "term", "--resume", "--ckpt-root", tmp_path / "ck", "--max-iters", ckpt["step"] + 2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert load_checkpoint(str(tmp_path / "ck" / "term" / "last.pt"))["step"] == ckpt["step"] + 2
+
+
+def test_a_divergence_rolls_back_every_rank_together(data_root, tmp_path):
+    r = torchrun(2, *ddp_args(data_root, tmp_path, "ddp-fault", "--max-iters", "12", "--snapshot-every", "4",
+                              "--inject-fault", "6:nan"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(l) for l in open(tmp_path / "ck" / "ddp-fault" / "metrics.jsonl")]
+    events = [l for l in lines if l["kind"] == "recovery"]
+    assert len(events) == 1 and events[0]["step"] == 6 and events[0]["rollback_to"] <= 6
+    assert load_checkpoint(str(tmp_path / "ck" / "ddp-fault" / "last.pt"))["step"] == 12
