@@ -64,7 +64,7 @@ def main(argv=None):
     n_steps = args.n_steps if args.n_steps is not None else (cfg["n_steps"] if buffer is not None else NOISE_START_STEPS)
     step_size = cfg["step_size"] if args.step_size is None else args.step_size
     noise_std = cfg["noise_std"] if args.noise_std is None else args.noise_std
-    sampler = SGLDSampler(n_steps, step_size, noise_std, cfg["clamp"])
+    sampler = SGLDSampler(n_steps, step_size, noise_std, cfg["clamp"], cfg.get("grad_clip"))  # the training's step rule
     classes = args.classes if args.classes else list(range(info.n_classes))
     if any(not 0 <= c < info.n_classes for c in classes):
         raise UsageError(f"--classes must lie in [0, {info.n_classes})")
@@ -92,7 +92,8 @@ def main(argv=None):
     save_image((x + 1) / 2, os.path.join(out, "unconditional.png"), nrow=nrow)
 
     settings = {"ckpt": args.ckpt, "step": ckpt["step"], "init": args.init, "n_steps": n_steps,
-                "step_size": sampler.step_size, "noise_std": sampler.noise_std, "seed": args.seed,
+                "step_size": sampler.step_size, "noise_std": sampler.noise_std, "clamp": sampler.clamp,
+                "grad_clip": sampler.grad_clip, "seed": args.seed,
                 "n_per_class": args.n_per_class, "classes": classes}
     with open(os.path.join(out, "sampling.json"), "w") as f:
         json.dump(settings, f, indent=2)

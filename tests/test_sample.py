@@ -39,6 +39,18 @@ def test_sample_defaults_follow_the_checkpoint(trained, tmp_path):
     settings = json.load(open(tmp_path / "sampling.json"))
     cfg = load_checkpoint(str(trained))["config"]
     assert settings["n_steps"] == cfg["n_steps"] and settings["step_size"] == cfg["step_size"]
+    assert (settings["clamp"], settings["grad_clip"]) == (cfg["clamp"], cfg["grad_clip"])
+
+
+def test_sample_uses_the_training_gradient_clip(trained, tmp_path):
+    """A run trained with JEM++'s clipped step samples with it too."""
+    ckpt = load_checkpoint(str(trained))
+    ckpt["config"]["grad_clip"] = 0.005
+    path = tmp_path / "clipped.pt"
+    save_atomic(ckpt, str(path))
+    r = run_script("sample.py", "--ckpt", path, "--n-per-class", 1, "--classes", 2, "--out", tmp_path / "d")
+    assert r.returncode == 0, r.stderr
+    assert json.load(open(tmp_path / "d" / "sampling.json"))["grad_clip"] == 0.005
 
 
 def one_line_error(r, message):
