@@ -60,11 +60,18 @@ def rank_seed(seed, rank):
     return seed + 7_919 * rank
 
 
-def check_buffer_split(size, n_classes, world):
+def check_buffer_split(size, n_classes, world, batch_size):
+    """This rank's buffer size; a one-line error when the buffer does not split evenly over the
+    ranks (and class slices), or when a class slice holds fewer chains than a batch, which may be
+    all one class, can ask of it."""
     parts = world * (n_classes or 1)
     if size % parts:
         raise UsageError(f"--buffer-size {size} must split evenly over {world} ranks"
                          + (f" x {n_classes} class slices" if n_classes else ""))
+    if n_classes and size // parts < batch_size:
+        raise UsageError(f"--buffer-size {size} leaves {size // parts} chains per class"
+                         f"{' per rank' if world > 1 else ''}, fewer than --batch-size {batch_size}: "
+                         f"use --buffer-size {parts * batch_size} or more")
     return size // world
 
 

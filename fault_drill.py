@@ -67,7 +67,9 @@ def guard_cost(args):
     torch.manual_seed(0)
     model = build_model(**model_kwargs(vars(cfg), info))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    buffer = ReplayBuffer(cfg.buffer_size, (1, 28, 28), n_classes=10, device="cpu")
+    buffer = ReplayBuffer(cfg.buffer_size, (info.channels, info.image_size, info.image_size),
+                          n_classes=info.n_classes, device="cpu")
+    iters_per_epoch = len(data.train_x) // cfg.batch_size
     sampler = SGLDSampler(cfg.n_steps, cfg.step_size, cfg.noise_std, cfg.clamp)
     guard = Guard(snapshot_every=cfg.snapshot_every)
 
@@ -76,7 +78,7 @@ def guard_cost(args):
                 "buffer": buffer.state_dict()}
 
     def one_step(step, guarded):
-        x, y, _ = train_jem.training_batch(data, cfg, info, step, 900, "cpu")
+        x, y, _ = train_jem.training_batch(data, cfg, info, step, iters_per_epoch, "cpu")
         loss, metrics, _ = train_jem.jem_loss(model, sampler, buffer, cfg, x, y, None, energy_on=True)
         if not guarded:
             loss.item()

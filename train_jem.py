@@ -407,11 +407,7 @@ def train(cfg, ckpt, ranks, device):
     data = load_jem_data(cfg.dataset, cfg.data_root, device, cfg.n_valid, cfg.train_subset,
                          cfg.labels_per_class)
     n_classes = info.n_classes if cfg.pxy_weight > 0 else None  # class slices for p(x|y) chains
-    buffer_size = check_buffer_split(cfg.buffer_size, n_classes, ranks.world)
-    if n_classes and buffer_size // n_classes < cfg.batch_size:  # a batch may be all one class
-        raise UsageError(f"--buffer-size {cfg.buffer_size} leaves {buffer_size // n_classes} chains per class"
-                         f"{' per rank' if ranks.enabled else ''}, fewer than --batch-size {cfg.batch_size}: "
-                         f"use --buffer-size {n_classes * cfg.batch_size * ranks.world} or more")
+    buffer_size = check_buffer_split(cfg.buffer_size, n_classes, ranks.world, cfg.batch_size)
     run_dir, sample_dir = open_run_dirs(cfg, ranks)
     torch.manual_seed(cfg.seed)
     model = prepare_model(build_model(**model_kwargs(vars(cfg), info)).to(device), cfg.channels_last,
@@ -478,12 +474,13 @@ def train(cfg, ckpt, ranks, device):
     def save(name):
         """One checkpoint of the whole run, every rank's buffer shard and RNG included, written by
         rank 0. Every rank must call it."""
-        whole = gather_buffer(ranks, buffer.state_dict()["x"], n_classes)
+        shard = buffer.state_dict()
+        whole = gather_buffer(ranks, shard["x"], n_classes)
         rngs = gather_objects(ranks, rng_state(device))
         if ranks.main:
             save_atomic({"format_version": FORMAT_VERSION, "config": vars(cfg), "step": step,
                          "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "buffer": {**buffer.state_dict(), "x": whole}, "rng": rngs[0], "rng_ranks": rngs,
+                         "buffer": {**shard, "x": whole}, "rng": rngs[0], "rng_ranks": rngs,
                          "world_size": ranks.world, "best_valid_acc": best_valid_acc,
                          "recovery": guard.state_dict()}, os.path.join(run_dir, name))
 
@@ -554,7 +551,7 @@ def train(cfg, ckpt, ranks, device):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-            signalled = loss.new_tensor([float(signals.signum is not None)]).squeeze()
+            signalled = loss.new_tensor(float(signals.signum is not None))
             # the one host sync per step reads every health signal of every rank, and whether any
             # rank got Ctrl-C / SIGTERM, before the update is applied: all ranks decide alike
             *health, stop = health_across_ranks(
