@@ -121,7 +121,7 @@ class Evaluated:
         self.kind = "JEM" if self.cfg["px_weight"] > 0 or self.cfg["pxy_weight"] > 0 else "classifier"
         # the training's SGLD settings: refinement and sampling use them unless told otherwise
         self.sampler = SGLDSampler(self.cfg["n_steps"], self.cfg["step_size"], self.cfg["noise_std"],
-                                   self.cfg["clamp"])
+                                   self.cfg["clamp"], self.cfg.get("grad_clip"))
 
     def describe(self):
         return {"ckpt": self.path, "step": self.ckpt["step"], "kind": self.kind,
@@ -525,7 +525,8 @@ def eval_samples(models, x_test, args, data_root, device, out):
         entry = {**m.describe(), "fresh": {
             "what": f"{n} fresh class-conditional samples (SGLD on E(x, y), classes in turn), from "
                     f"{'uniform noise' if buffer is None else 'the saved replay buffer'}, {steps} steps of "
-                    f"size {m.sampler.step_size}, noise {m.sampler.noise_std}, clamp {m.sampler.clamp}",
+                    f"size {m.sampler.step_size}, noise {m.sampler.noise_std}, clamp {m.sampler.clamp}, "
+                    f"gradient clip {m.sampler.grad_clip}",
             "n": n, "init": args.sample_init, "steps": steps,
             **judge_scores(judge, real, fresh, y, args.batch_size),
             **inception_or_nothing(fresh)}}

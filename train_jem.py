@@ -46,10 +46,10 @@ PRESETS = {
     # "Why the mnist-cpu preset looks like this", gives what failed without each of these.
     "mnist-cpu": dict(dataset="mnist", arch="resnet", width=16, norm="none", optimizer="adam",
                       lr=3e-3, warmup_iters=100, batch_size=64, epochs=5, pretrain_epochs=2,
-                      decay_epochs=[1, 4], decay_rate=0.1, explode_threshold=1e4, n_steps=10, step_size=1.0,
+                      decay_epochs=[1, 3], decay_rate=0.1, explode_threshold=1e4, n_steps=10, step_size=1.0,
                       noise_std=0.01, clamp=True, buffer_size=10000, reinit_freq=0.05,
                       buffer_init="data", l2_energy=0.01, sigma=0.03, n_valid=1000,
-                      pyx_weight=1.0, px_weight=0.0, pxy_weight=0.3),
+                      pyx_weight=1.0, px_weight=0.0, pxy_weight=0.1),
 }
 
 
@@ -364,8 +364,9 @@ class SignalFlag:
 def open_run_dirs(cfg, ranks=Ranks()):
     run_dir = os.path.join(cfg.ckpt_root, cfg.run_name)
     sample_dir = os.path.join(cfg.samples_root, cfg.run_name)
-    if not cfg.resume and (os.path.exists(run_dir) or os.path.exists(sample_dir)):
-        raise UsageError(f"run '{cfg.run_name}' already exists ({run_dir}); pass --resume to "
+    taken = [d for d in (run_dir, sample_dir) if os.path.exists(d)]
+    if not cfg.resume and taken:
+        raise UsageError(f"run '{cfg.run_name}' already exists ({' and '.join(taken)}); pass --resume to "
                          "continue it or choose another --run-name")
     barrier(ranks)  # every rank has looked before rank 0 creates
     if ranks.main:
