@@ -298,6 +298,12 @@ def ood_scores(model, x, batch_size):
     return {s: torch.cat(v).cpu().numpy() for s, v in out.items()}
 
 
+def score_hist(ax, scores, **style):
+    """A 60-bin density histogram. In float64: float32 scores that differ by a few ulps (max p(y|x)
+    saturating at 1 on constant images) leave numpy no room for 60 distinct bin edges."""
+    ax.hist(np.asarray(scores, dtype=np.float64), bins=60, density=True, **style)
+
+
 def eval_ood(models, x_test, args, data_root, device, out):
     info = models[0].info
     names = args.ood or default_ood_names(models[0].cfg["dataset"], data_root)
@@ -328,12 +334,12 @@ def eval_ood(models, x_test, args, data_root, device, out):
                                  "fpr_at_95_tpr": metrics.fpr_at_tpr(s_in[s], s_out[s], 0.95),
                                  "mean_score": float(s_out[s].mean())} for s in SCORES}
             for ax, s in zip(row, SCORES):
-                ax.hist(s_out[s], bins=60, density=True, histtype="step", lw=1.2,
-                        label=f"{name} ({per_set[name][s]['auroc']:.2f})")
+                score_hist(ax, s_out[s], histtype="step", lw=1.2,
+                           label=f"{name} ({per_set[name][s]['auroc']:.2f})")
         result["models"][m.label] = {**m.describe(), "in_mean_score": {s: float(s_in[s].mean()) for s in SCORES},
                                      "sets": per_set}
         for ax, s in zip(row, SCORES):
-            ax.hist(s_in[s], bins=60, density=True, color="k", alpha=0.3, label=f"{m.cfg['dataset']} (in)")
+            score_hist(ax, s_in[s], color="k", alpha=0.3, label=f"{m.cfg['dataset']} (in)")
             ax.set(title=f"{m.label} ({m.kind}): {s}", xlabel="score (higher = more in-distribution)")
             ax.legend(fontsize=7, title="set (AUROC)", title_fontsize=7)
     fig.tight_layout()

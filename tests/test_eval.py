@@ -149,6 +149,17 @@ def test_bpda_refinement_attacks_through_the_defence():
     assert torch.allclose(grad, grad_at_ref, atol=1e-6)
 
 
+def test_score_histogram_survives_scores_a_few_ulps_apart():
+    # max p(y|x) of a confident model on constant images: float32 values 1 and 1 - 1 ulp, on which
+    # a 60-bin histogram in float32 raises (it crashed the ood mode of a real MNIST evaluation)
+    import matplotlib.pyplot as plt
+    scores = np.array([1.0, 1.0, np.nextafter(np.float32(1), np.float32(0))], dtype=np.float32)
+    fig, ax = plt.subplots()
+    eval_jem.score_hist(ax, scores)
+    assert sum(p.get_height() for p in ax.patches) > 0
+    plt.close(fig)
+
+
 def test_ood_sets_are_converted_to_the_in_distribution_shape():
     rgb = torch.rand(4, 3, 32, 32) * 2 - 1
     grey = eval_jem.match_shape(rgb, dataset_info("mnist"))
