@@ -51,6 +51,13 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
+def sgld_step_rule(config):
+    """The SGLDSampler step settings of a training config: samplers outside training (sample.py,
+    eval_jem.py) take them from here, so none of them can miss one."""
+    return dict(step_size=config["step_size"], noise_std=config["noise_std"], clamp=config["clamp"],
+                grad_clip=config.get("grad_clip"))
+
+
 def model_kwargs(config, info):
     """The build_model arguments a training config implies (stored, so sample.py can replay them)."""
     return dict(arch=config["arch"], n_classes=info.n_classes, in_channels=info.channels,

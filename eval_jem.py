@@ -38,7 +38,7 @@ from torchvision.utils import save_image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import metrics  # noqa: E402
-from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from checkpoint import load_checkpoint, model_from_checkpoint, sgld_step_rule  # noqa: E402
 from cli import UsageError, resolve_device, run  # noqa: E402
 from data import DATASETS, DataError, dataset_info, load_split, to_float, to_uint8  # noqa: E402
 from sgld import ReplayBuffer, SGLDSampler, class_conditional_samples  # noqa: E402
@@ -120,8 +120,7 @@ class Evaluated:
         self.label = label or f"{self.cfg['run_name']}/{os.path.splitext(os.path.basename(path))[0]}"
         self.kind = "JEM" if self.cfg["px_weight"] > 0 or self.cfg["pxy_weight"] > 0 else "classifier"
         # the training's SGLD settings: refinement and sampling use them unless told otherwise
-        self.sampler = SGLDSampler(self.cfg["n_steps"], self.cfg["step_size"], self.cfg["noise_std"],
-                                   self.cfg["clamp"], self.cfg.get("grad_clip"))
+        self.sampler = SGLDSampler(self.cfg["n_steps"], **sgld_step_rule(self.cfg))
 
     def describe(self):
         return {"ckpt": self.path, "step": self.ckpt["step"], "kind": self.kind,

@@ -55,7 +55,7 @@ def guard_cost(args):
     import torch
 
     import train_jem
-    from checkpoint import model_kwargs
+    from checkpoint import model_kwargs, sgld_step_rule
     from data import dataset_info, load_jem_data
     from models import build_model
     from recovery import Guard
@@ -70,7 +70,7 @@ def guard_cost(args):
     buffer = ReplayBuffer(cfg.buffer_size, (info.channels, info.image_size, info.image_size),
                           n_classes=info.n_classes, device="cpu")
     iters_per_epoch = len(data.train_x) // cfg.batch_size
-    sampler = SGLDSampler(cfg.n_steps, cfg.step_size, cfg.noise_std, cfg.clamp)
+    sampler = SGLDSampler(cfg.n_steps, **sgld_step_rule(vars(cfg)))
     guard = Guard(snapshot_every=cfg.snapshot_every)
 
     def state():

@@ -15,7 +15,7 @@ import torch
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, sgld_step_rule
 from cli import UsageError, resolve_device, run
 from data import dataset_info
 from sgld import ReplayBuffer, SGLDSampler, class_conditional_samples
@@ -62,9 +62,12 @@ def main(argv=None):
         buffer = ReplayBuffer(len(state["x"]), shape, state["n_classes"], device=device)
         buffer.load_state_dict(state)
     n_steps = args.n_steps if args.n_steps is not None else (cfg["n_steps"] if buffer is not None else NOISE_START_STEPS)
-    step_size = cfg["step_size"] if args.step_size is None else args.step_size
-    noise_std = cfg["noise_std"] if args.noise_std is None else args.noise_std
-    sampler = SGLDSampler(n_steps, step_size, noise_std, cfg["clamp"], cfg.get("grad_clip"))  # the training's step rule
+    rule = sgld_step_rule(cfg)  # the training's step rule, unless told otherwise
+    if args.step_size is not None:
+        rule["step_size"] = args.step_size
+    if args.noise_std is not None:
+        rule["noise_std"] = args.noise_std
+    sampler = SGLDSampler(n_steps, **rule)
     classes = args.classes if args.classes else list(range(info.n_classes))
     if any(not 0 <= c < info.n_classes for c in classes):
         raise UsageError(f"--classes must lie in [0, {info.n_classes})")

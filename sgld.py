@@ -55,9 +55,10 @@ class SGLDSampler:
         self.grad_clip, self.schedule = grad_clip, schedule
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.cuda_graph = cuda_graph
-        self._step_fn = self._step
+        self._step_fn, self._tracing = self._step, contextlib.nullcontext
         if compile:
             self._step_fn = torch.compile(self._step, backend=compile, dynamic=False)
+            self._tracing = _trace_autograd_ops
         self._graphs = {}  # (shapes, model, mode) -> captured step and its static tensors
 
     def __call__(self, model, x, y=None, n_steps=None):
@@ -68,7 +69,7 @@ class SGLDSampler:
         x = x.detach().to(torch.float32, memory_format=self.memory_format, copy=True)
         if n_steps == 0:
             return x
-        with _trace_autograd_ops():
+        with self._tracing():
             if self.cuda_graph and x.is_cuda:
                 return self._run_graphed(model, x, y, n_steps)
             x.requires_grad_(True)

@@ -1,6 +1,5 @@
 """Unattended training: divergence detection, rollback with mitigation, fault injection, kill -9."""
 import json
-import math
 import os
 import random
 import signal
