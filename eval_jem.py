@@ -172,6 +172,13 @@ def save_json(out, name, obj):
     return path
 
 
+def reseed(args):
+    """Restart the global RNG before each checkpoint: every model gets the same input noise, chain
+    starts and attack starts, and its figures do not depend on the other checkpoints or modes of the
+    call."""
+    torch.manual_seed(args.seed)
+
+
 # ---- accuracy and calibration --------------------------------------------------------------------
 
 def eval_accuracy(models, x, y, args):
@@ -182,6 +189,7 @@ def eval_accuracy(models, x, y, args):
                                      f"averaged, on the first {min(args.n_refine, len(y))} of the test images"},
               "models": {}}
     for m in models:
+        reseed(args)
         sigma = m.cfg["sigma"]
         clean = predict(m.model, x, args.batch_size)
         noisy = predict(m.model, x + sigma * torch.randn_like(x), args.batch_size)
@@ -363,8 +371,9 @@ def eval_robustness(models, x_test, y_test, args, out):
         "defence": f"sgld-K: {args.refine_steps} SGLD steps on E(x) from the (attacked) input with the "
                    f"training's step / noise / clamp, {args.refine_chains} chain(s); attacked with BPDA "
                    "(identity gradient through the refinement), no EOT"}, "models": {}}
-    g = torch.Generator(device=x.device).manual_seed(args.seed)
     for m in models:
+        reseed(args)
+        g = torch.Generator(device=x.device).manual_seed(args.seed)  # PGD's random starts
         curves = {}
         for norm in args.norms:
             for defence in defences:
@@ -513,8 +522,9 @@ def eval_samples(models, x_test, args, data_root, device, out):
         "real_train_vs_test": {"what": f"{n} real training images scored like samples: the floor for this n",
                                **floor}},
         "models": {}}
-    g = torch.Generator().manual_seed(args.seed)
     for m in models:
+        reseed(args)
+        g = torch.Generator().manual_seed(args.seed)  # which buffer slots are scored
         steps = args.sample_steps or (NOISE_START_STEPS if args.sample_init == "noise" else m.cfg["n_steps"])
         buffer = None
         if args.sample_init == "buffer":

@@ -205,6 +205,24 @@ def test_eval_all_modes_on_a_tiny_checkpoint(tiny, data_root, tmp_path):
     assert "replay buffer" in samples["replay_buffer"]["what"]
     for png in ("calibration", "ood_hist", "robustness", "samples_fresh_a", "samples_buffer_b"):
         assert (out / f"{png}.png").stat().st_size > 1000
+    # one checkpoint given twice: the same noise, chains and attack starts, so the same figures
+    b = {m: json.load(open(out / f"{m}.json"))["models"]["b"] for m in ("accuracy", "robustness", "samples")}
+    assert acc["a"]["acc_noise"] == b["accuracy"]["acc_noise"]
+    assert acc["a"]["acc_refined"] == b["accuracy"]["acc_refined"]
+    assert rob == b["robustness"]["robust_acc"]
+    assert fresh["fid_judge"] == b["samples"]["fresh"]["fid_judge"]
+
+
+def test_a_checkpoints_figures_do_not_depend_on_the_rest_of_the_call(tiny, data_root, tmp_path):
+    ckpt, judge = tiny
+    common = ["--data-root", data_root, "--device", "cpu", "--n-test", 40, "--n-refine", 20,
+              "--refine-steps", 2, "--judge", judge, "--n-samples", 30, "--sample-steps", 3, "--batch-size", 16]
+    cli = lambda *argv: run(lambda: eval_jem.main([str(a) for a in argv + tuple(common)]))  # noqa: E731
+    cli("--ckpt", ckpt, ckpt, "--labels", "a", "b", "--mode", "accuracy", "samples", "--out", tmp_path / "both")
+    cli("--ckpt", ckpt, "--labels", "b", "--mode", "samples", "--out", tmp_path / "alone")
+    both = json.load(open(tmp_path / "both" / "samples.json"))["models"]["b"]["fresh"]
+    alone = json.load(open(tmp_path / "alone" / "samples.json"))["models"]["b"]["fresh"]
+    assert both["fid_judge"] == alone["fid_judge"] and both["judge_acc"] == alone["judge_acc"]
 
 
 def one_line_error(r, message):
