@@ -172,11 +172,12 @@ def save_json(out, name, obj):
     return path
 
 
-def reseed(args):
-    """Restart the global RNG before each checkpoint: every model gets the same input noise, chain
-    starts and attack starts, and its figures do not depend on the other checkpoints or modes of the
-    call."""
+def reseed(args, device="cpu"):
+    """Restart the RNGs before each checkpoint: every model gets the same input noise, chain starts,
+    attack starts and buffer picks, and its figures do not depend on the other checkpoints or modes
+    of the call. Returns a generator seeded likewise, for draws that take one."""
     torch.manual_seed(args.seed)
+    return torch.Generator(device=device).manual_seed(args.seed)
 
 
 # ---- accuracy and calibration --------------------------------------------------------------------
@@ -372,8 +373,7 @@ def eval_robustness(models, x_test, y_test, args, out):
                    f"training's step / noise / clamp, {args.refine_chains} chain(s); attacked with BPDA "
                    "(identity gradient through the refinement), no EOT"}, "models": {}}
     for m in models:
-        reseed(args)
-        g = torch.Generator(device=x.device).manual_seed(args.seed)  # PGD's random starts
+        g = reseed(args, x.device)  # g: PGD's random starts
         curves = {}
         for norm in args.norms:
             for defence in defences:
@@ -523,8 +523,7 @@ def eval_samples(models, x_test, args, data_root, device, out):
                                **floor}},
         "models": {}}
     for m in models:
-        reseed(args)
-        g = torch.Generator().manual_seed(args.seed)  # which buffer slots are scored
+        g = reseed(args)  # g: which buffer slots are scored
         steps = args.sample_steps or (NOISE_START_STEPS if args.sample_init == "noise" else m.cfg["n_steps"])
         buffer = None
         if args.sample_init == "buffer":
