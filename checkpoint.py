@@ -5,6 +5,7 @@ A checkpoint is a dict of tensors and plain Python values (no pickled classes), 
 step, model, optimizer, buffer, rng, best_valid_acc.
 """
 import os
+import pickle
 import tempfile
 
 import torch
@@ -28,6 +29,7 @@ def save_atomic(obj, path):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -35,16 +37,38 @@ def save_atomic(obj, path):
         raise
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive; its legacy format, a pickle (0x80)
+
+
 def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint as plain data; every way a file can fail to be one is a CheckpointError
+    whose message says which (missing, empty, not PyTorch, truncated, holding code, foreign)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(f"'{path}' is empty (a write that never finished?)")
+    if head != ZIP_MAGIC and head[:1] != b"\x80":
+        raise CheckpointError(f"'{path}' is not a PyTorch checkpoint (it does not start as torch.save's "
+                              "zip archive does)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"'{path}' was written by another program: it holds Python objects, "
+                              "not plain data, and is not loaded (weights_only)") from None
     except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint '{path}': {first_line}") from None
+        first_sentence = str(e).strip().split(". ")[0].splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"'{path}' is truncated or damaged ({first_sentence})") from None
     if not isinstance(ckpt, dict) or "format_version" not in ckpt or "config" not in ckpt:
-        raise CheckpointError(f"'{path}' is not a checkpoint written by train_jem.py")
+        raise CheckpointError(f"'{path}' is a PyTorch file written by another program, not a "
+                              "checkpoint of train_jem.py")
     if ckpt["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"'{path}' has format version {ckpt['format_version']}; this code "
                               f"reads up to {FORMAT_VERSION}: update the code")

@@ -10,6 +10,7 @@ horizontal flip where it makes sense, and additive Gaussian noise of std `sigma`
 """
 import functools
 import os
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,8 +48,8 @@ def dataset_info(name):
 def load_split(name, split, data_root):
     """Return (x uint8 N x H x W x C numpy, y int64 numpy, class names) for split 'train' or 'test'."""
     dataset_info(name)
-    if not os.path.isdir(data_root):
-        raise DataError(f"data root '{data_root}' does not exist")
+    if os.path.exists(data_root) and not os.path.isdir(data_root):
+        raise DataError(f"data root '{data_root}' is not a folder")
     path = os.path.join(data_root, name, f"{split}.npz")
     if os.path.exists(path):
         return _load_npz(path)
@@ -66,25 +67,45 @@ def _load_npz(path):
     return x, y, classes
 
 
-def _load_torchvision(name, split, data_root):
-    """The users' path: torchvision downloads into data_root/<name>/ when the arrays are absent."""
+def _torchvision_class(name):
     import torchvision.datasets as tvd
+    return {"mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10,
+            "cifar100": tvd.CIFAR100, "svhn": tvd.SVHN}[name]
 
+
+def download_url(name, split):
+    """The first address torchvision's dataset class downloads this split from (its class
+    attributes: `mirrors` + `resources` for the MNISTs, `url` for CIFAR, `split_list` for SVHN)."""
+    cls = _torchvision_class(name)
+    if hasattr(cls, "mirrors"):
+        return cls.mirrors[0] + cls.resources[0][0]
+    if name == "svhn":
+        return cls.split_list[split][0]
+    return cls.url
+
+
+def _load_torchvision(name, split, data_root):
+    """The users' path: torchvision downloads into data_root/<name>/ when the arrays are absent.
+    Folders this call created are removed again when the download fails."""
     root = os.path.join(data_root, name)
-    train = split == "train"
+    created = [d for d in (data_root, root) if not os.path.isdir(d)]
+    cls = _torchvision_class(name)
     try:
+        os.makedirs(root, exist_ok=True)
         if name == "svhn":
-            ds = tvd.SVHN(root, split=split, download=True)
+            ds = cls(root, split=split, download=True)
             x, y = ds.data.transpose(0, 2, 3, 1), np.asarray(ds.labels)
             classes = [str(i) for i in range(10)]
         else:
-            cls = {"mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST,
-                   "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
-            ds = cls(root, train=train, download=True)
+            ds = cls(root, train=split == "train", download=True)
             x, y, classes = np.asarray(ds.data), np.asarray(ds.targets), list(ds.classes)
     except Exception as e:  # no network, bad checksum, ...
-        raise DataError(f"no offline arrays at '{os.path.join(root, split + '.npz')}' and the "
-                        f"torchvision download failed ({type(e).__name__}: {e})") from None
+        for d in reversed(created):
+            shutil.rmtree(d, ignore_errors=True)
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise DataError(f"downloading {name} from {download_url(name, split)} failed ({reason}); "
+                        f"offline, put the arrays at '{os.path.join(root, split + '.npz')}' "
+                        "(x uint8 N x H x W x C, y int64, classes) and pass --data-root") from None
     if x.ndim == 3:
         x = x[..., None]
     return x.astype(np.uint8), y.astype(np.int64), classes

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import textwrap
 import time
 
 import torch
@@ -162,13 +163,21 @@ def resolve_config(argv):
     """Parser defaults, then the preset, then the flags given; on --resume, the stored config
     with the flags given on top."""
     parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=sorted(PRESETS))
+    preset = pre.parse_known_args(argv)[0].preset
+    if preset:  # as the parser's defaults, so that `--preset NAME --help` shows the preset's values
+        parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args(argv)
-    explicit = _explicit_flags(parser, argv)
     config = vars(args)
     if args.resume:
         if not args.run_name:
             raise UsageError("--resume needs --run-name")
+        explicit = _explicit_flags(parser, argv)
         path = os.path.join(args.ckpt_root, args.run_name, "last.pt")
+        if os.path.isdir(os.path.dirname(path)) and not os.path.exists(path):
+            raise UsageError(f"run '{args.run_name}' stopped before its first checkpoint: nothing to "
+                             "resume; run the same command without --resume to start it again")
         ckpt = load_checkpoint(path)
         config.update(ckpt["config"])  # parser defaults stay for flags newer than the checkpoint
         for key in ("arch", "depth", "widen", "width", "norm", "dataset"):
@@ -177,9 +186,6 @@ def resolve_config(argv):
                                       f"resume as {key}={explicit[key]} (another architecture)")
         config.update(explicit, resume=True)
         return argparse.Namespace(**config), ckpt
-    if args.preset:
-        config.update(PRESETS[args.preset])
-        config.update(explicit)
     if not config["run_name"]:
         config["run_name"] = f"{config['dataset']}-{config['arch']}-{time.strftime('%Y%m%d-%H%M%S')}"
     return argparse.Namespace(**config), None
@@ -362,17 +368,46 @@ class SignalFlag:
 
 
 def open_run_dirs(cfg, ranks=Ranks()):
+    """The run's folders. A run that holds a checkpoint is never started again over it; one that
+    stopped before its first checkpoint has nothing to lose and may be."""
     run_dir = os.path.join(cfg.ckpt_root, cfg.run_name)
     sample_dir = os.path.join(cfg.samples_root, cfg.run_name)
-    taken = [d for d in (run_dir, sample_dir) if os.path.exists(d)]
-    if not cfg.resume and taken:
-        raise UsageError(f"run '{cfg.run_name}' already exists ({' and '.join(taken)}); pass --resume to "
-                         "continue it or choose another --run-name")
+    saved = [f for f in ("last.pt", "best.pt") if os.path.exists(os.path.join(run_dir, f))]
+    if not cfg.resume and saved:
+        raise UsageError(f"run '{cfg.run_name}' already exists ({run_dir} holds {' and '.join(saved)}); "
+                         "pass --resume to continue it or choose another --run-name")
     barrier(ranks)  # every rank has looked before rank 0 creates
     if ranks.main:
+        if not cfg.resume and os.path.isdir(run_dir):
+            print(f"run '{cfg.run_name}' stopped before its first checkpoint: starting it again",
+                  file=sys.stderr)
+            for name in ("metrics.jsonl", "config.json"):
+                if os.path.exists(os.path.join(run_dir, name)):
+                    os.remove(os.path.join(run_dir, name))
         os.makedirs(run_dir, exist_ok=True)
         os.makedirs(sample_dir, exist_ok=True)
     return run_dir, sample_dir
+
+
+def print_header(cfg, data, model, device, run_dir, sample_dir, iters_per_epoch, total):
+    """What a user should see before the first step: where, on what, which settings, how long."""
+    defaults = vars(build_parser().parse_args([]))
+    skip = {"run_name", "resume", "preset", "ckpt_root", "samples_root", "data_root", "dataset"}
+    changed = [f"{k}={v}" for k, v in vars(cfg).items() if k not in skip and defaults.get(k) != v]
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    n_params = sum(p.numel() for p in model.parameters())
+    arch = (f"WRN-{cfg.depth}-{cfg.widen}" if cfg.arch == "wrn" else f"small ResNet width {cfg.width}")
+    jem_epochs = max(0, cfg.epochs - cfg.pretrain_epochs)
+    print(f"run {cfg.run_name}: device {device}{threads}, torch {torch.__version__}\n"
+          f"data {cfg.dataset} from {cfg.data_root}: {len(data.train_y):,} train, {len(data.valid_y):,} "
+          f"validation, {len(data.test_y):,} test\n"
+          f"model {arch}, norm {cfg.norm}: {n_params / 1e6:.2f}M parameters\n"
+          + textwrap.fill(f"settings ({'preset ' + cfg.preset if cfg.preset else 'no --preset: the paper CIFAR-10 run'}"
+                          f"), where they differ from the defaults: {' '.join(changed) or 'nowhere'}",
+                          width=100, subsequent_indent="    ") + "\n"
+          f"plan: {total:,} steps of batch {cfg.batch_size} ({iters_per_epoch:,} per epoch): "
+          f"{min(cfg.pretrain_epochs, cfg.epochs)} classifier epoch(s), then {jem_epochs} JEM epoch(s)\n"
+          f"checkpoints in {run_dir}, samples in {sample_dir}", flush=True)
 
 
 def truncate_metrics(path, step):
@@ -385,6 +420,37 @@ def truncate_metrics(path, step):
     with open(tmp, "w") as f:
         f.writelines(lines)
     os.replace(tmp, path)
+
+
+def finished_test_line(path, step):
+    """The `test` line a run that finished at `step` wrote, or None."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        tests = [r for r in map(json.loads, filter(str.strip, f)) if r.get("kind") == "test" and r["step"] == step]
+    return tests[-1] if tests else None
+
+
+def phase_bar(cfg, step, switch_on, total, disable=False):
+    """A progress bar for the phase `step` is in (classifier pre-training or JEM): its rate and
+    estimate are that phase's own, not a blend of cheap classifier steps and costly JEM steps."""
+    start, end, phase = (0, switch_on, "classifier") if step < switch_on else (switch_on, total, "JEM")
+    return tqdm(total=end - start, initial=step - start, desc=f"{cfg.run_name} {phase}",
+                dynamic_ncols=True, disable=disable)
+
+
+SPEED_STEPS = 10  # steps measured at the start of each phase for the time estimate
+
+
+def speed_line(bar, jem_steps_ahead):
+    """After the first steps of a phase: its measured speed and how long the phase will take."""
+    done, left = bar.n - bar.initial, bar.total - bar.n
+    seconds_per_step = bar.format_dict["elapsed"] / done
+    line = (f"speed: {seconds_per_step:.3f} s/step in the {bar.desc.split()[-1]} phase: about "
+            f"{left * seconds_per_step / 60:.1f} min for its remaining {left:,} steps")
+    if jem_steps_ahead:
+        line += f"; the {jem_steps_ahead:,} JEM steps after it (dearer) are timed when they start"
+    return line
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -438,7 +504,7 @@ def train(cfg, ckpt, ranks, device):
                           channels_last=cfg.channels_last, compile="inductor" if cfg.compile else None,
                           cuda_graph=cfg.cuda_graph and device.type == "cuda")
 
-    step, best_valid_acc = 0, -1.0
+    step, best_valid_acc, t0 = 0, -1.0, time.time()
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if ckpt is not None:
         load_model_state(model, ckpt["model"], os.path.join(run_dir, "last.pt"))
@@ -455,6 +521,7 @@ def train(cfg, ckpt, ranks, device):
         else:
             torch.manual_seed(rank_seed(cfg.seed + ckpt["step"], ranks.rank))
         step, best_valid_acc = ckpt["step"], ckpt["best_valid_acc"]
+        t0 -= ckpt.get("elapsed_s", 0.0)  # elapsed_s counts the wall time of every segment
         if "recovery" in ckpt:
             guard.load_state_dict(ckpt["recovery"])
         if ranks.main:
@@ -483,7 +550,8 @@ def train(cfg, ckpt, ranks, device):
                          "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "buffer": {**shard, "x": whole}, "rng": rngs[0], "rng_ranks": rngs,
                          "world_size": ranks.world, "best_valid_acc": best_valid_acc,
-                         "recovery": guard.state_dict()}, os.path.join(run_dir, name))
+                         "elapsed_s": time.time() - t0, "recovery": guard.state_dict()},
+                        os.path.join(run_dir, name))
 
     def log(record):
         if ranks.main:
@@ -535,12 +603,25 @@ def train(cfg, ckpt, ranks, device):
     if cfg.max_iters is not None:
         total = min(total, cfg.max_iters)
     valid_x, valid_y = data.valid_x[:cfg.max_eval], data.valid_y[:cfg.max_eval]
+    if ranks.main:
+        print_header(cfg, data, model, device, run_dir, sample_dir, iters_per_epoch, total)
+    if ckpt is not None and step >= total and finished_test_line(metrics_path, step):
+        if ranks.main:
+            print(f"run '{cfg.run_name}' already finished at step {step} (test accuracy "
+                  f"{finished_test_line(metrics_path, step)['test_acc']:.4f}); nothing to do: raise "
+                  "--epochs or --max-iters to train on")
+        return
     model.train()
-    bar = tqdm(total=total, initial=step, desc=cfg.run_name, dynamic_ncols=True, disable=not ranks.main)
-    t0 = time.time()
+    switch_on = min(cfg.pretrain_epochs * iters_per_epoch, total)
+    bar = phase_bar(cfg, step, switch_on, total, disable=not ranks.main)
+    energy_phase_bar = step >= switch_on
     with SignalFlag() as signals:
         while step < total:
             epoch = step // iters_per_epoch
+            if step == switch_on and not energy_phase_bar:
+                bar.close()
+                bar = phase_bar(cfg, step, switch_on, total, disable=not ranks.main)
+                energy_phase_bar = step >= switch_on
             x_lab, y_lab, x_unl = training_batch(data, cfg, info, step, iters_per_epoch, device, ranks)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step, iters_per_epoch)
@@ -560,14 +641,17 @@ def train(cfg, ckpt, ranks, device):
             diverged = guard.check(health)
             if diverged:
                 roll_back(*diverged, samples)
-                bar.n = step
-                bar.refresh()
+                bar.close()
+                bar = phase_bar(cfg, step, switch_on, total, disable=not ranks.main)
+                energy_phase_bar = step >= switch_on
                 continue
             # this forward pass has just verified the state of `step` updates
             guard.maybe_snapshot(step, local_state, checkpointed=step % cfg.ckpt_every == 0)
             optimizer.step()
             step += 1
             bar.update(1)
+            if ranks.main and bar.n - bar.initial == SPEED_STEPS:
+                tqdm.write(speed_line(bar, total - switch_on if step < switch_on else 0))
 
             if step % cfg.log_every == 0 or step == total:
                 record = {k: round(v.item(), 5) for k, v in metrics.items()}
@@ -577,6 +661,9 @@ def train(cfg, ckpt, ranks, device):
             if step % cfg.eval_every == 0 or step == total:
                 acc, nll = evaluate(model, valid_x, valid_y, ranks) if len(valid_y) else (None, None)
                 log({"step": step, "epoch": epoch, "kind": "valid", "valid_acc": acc, "valid_nll": nll})
+                if ranks.main and acc is not None:
+                    gap = f", energy gap {metrics['gap'].item():+.2f}" if "gap" in metrics else ""
+                    tqdm.write(f"step {step:,}: validation accuracy {acc:.4f}, NLL {nll:.3f}{gap}")
                 if acc is None or acc > best_valid_acc:  # without a validation set, best is the latest
                     best_valid_acc = -1.0 if acc is None else acc
                     save("best.pt")

@@ -1,18 +1,27 @@
+import contextlib
+import functools
+import gzip
+import hashlib
+import http.server
 import os
+import struct
 import subprocess
 import sys
+import threading
 
+import numpy as np
 import pytest
+import torchvision
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA_ROOT = os.path.join(os.path.dirname(REPO), "shared", "data")
+# Real images, small: the first images of each class of MNIST, Fashion-MNIST and CIFAR-10, made by
+# tests/make_fixtures.py. The tests need nothing outside the repository.
+DATA_ROOT = os.path.join(REPO, "tests", "fixtures", "data")
 sys.path.insert(0, REPO)
 
 
 @pytest.fixture(scope="session")
 def data_root():
-    if not os.path.isdir(os.path.join(DATA_ROOT, "mnist")):
-        pytest.skip(f"real datasets not found at {DATA_ROOT}")
     return DATA_ROOT
 
 
@@ -31,3 +40,38 @@ def tiny_run_args(data_root, tmp_path, name, *extra):
             "--eval-every", "4", "--ckpt-every", "5", "--log-every", "2", "--sample-every", "0",
             "--ckpt-root", str(tmp_path / "ck"), "--samples-root", str(tmp_path / "sm"),
             "--device", "cpu", "--seed", "3", "--run-name", name, *map(str, extra)]
+
+
+def idx_file(path, array):
+    """An array in the gzipped IDX format of the MNIST distribution (big-endian header)."""
+    header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@contextlib.contextmanager
+def local_mnist_mirror(monkeypatch, data_root, directory):
+    """Serve the fixture's MNIST as torchvision's own archives over HTTP on the loopback address:
+    torchvision's real download path, offline. (A file:// address does not do: torchvision reads
+    the response's length, which urllib's file handler lacks.) Yields the arrays it serves."""
+    directory.mkdir()
+    from data import load_split
+    arrays = {split: load_split("mnist", split, data_root) for split in ("train", "test")}
+    resources = []
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        x, y, _ = arrays[split]
+        for kind, a in (("images-idx3", x[..., 0]), ("labels-idx1", y)):
+            name = f"{prefix}-{kind}-ubyte.gz"
+            idx_file(directory / name, a)
+            resources.append((name, hashlib.md5((directory / name).read_bytes()).hexdigest()))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [f"http://127.0.0.1:{server.server_port}/"])
+    monkeypatch.setattr(torchvision.datasets.MNIST, "resources", resources)
+    try:
+        yield arrays
+    finally:
+        server.shutdown()
+        server.server_close()

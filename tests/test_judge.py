@@ -11,7 +11,6 @@ import torch
 from torchvision.utils import save_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA_ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 sys.path.insert(0, REPO)
 
 from checkpoint import load_checkpoint  # noqa: E402
@@ -35,18 +34,16 @@ def assert_one_line_error(proc):
 
 
 @pytest.fixture(scope="module")
-def mnist_root():
-    if not os.path.isfile(os.path.join(DATA_ROOT, "mnist", "train.npz")):
-        pytest.skip(f"real MNIST not found under {os.path.abspath(DATA_ROOT)}")
-    return DATA_ROOT
+def mnist_root(data_root):
+    return data_root
 
 
 @pytest.fixture(scope="module")
 def judge(mnist_root, tmp_path_factory):
-    """A judge trained for 32 steps on 2000 real digits (84-91% test accuracy over seeds 0-3)."""
+    """A judge trained for 2 epochs on the fixture's 1,200 real digits."""
     out = tmp_path_factory.mktemp("judge") / "judge.pt"
-    proc = script("train_classifier.py", "--data-root", mnist_root, "--train-subset", 2000,
-                  "--epochs", 1, "--batch-size", 64, "--device", "cpu", "--out", out)
+    proc = script("train_classifier.py", "--data-root", mnist_root, "--train-subset", 1200,
+                  "--epochs", 2, "--batch-size", 64, "--device", "cpu", "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert "test accuracy:" in proc.stdout
     return out
@@ -65,7 +62,7 @@ def write_real_digits(mnist_root, directory, relabel=lambda c: c):
 
 def test_checkpoint_loads_and_records_accuracy(judge):
     ckpt = load_checkpoint(str(judge))
-    assert ckpt["config"]["arch"] == "judge-cnn" and ckpt["config"]["train_subset"] == 2000
+    assert ckpt["config"]["arch"] == "judge-cnn" and ckpt["config"]["train_subset"] == 1200
     assert 0.5 < ckpt["test_acc"] <= 1.0  # chance is 0.1
 
 
@@ -77,11 +74,11 @@ def test_real_digits_score_high_and_mislabelled_ones_low(judge, mnist_root, tmp_
     assert proc.returncode == 0, proc.stderr
     scores = json.loads(out.read_text())
     assert scores["n"] == 10 * PER_CLASS and sorted(scores["per_class"]) == [str(c) for c in range(10)]
-    # chance is 0.1; seeds 0-3 of this brief training gave means 0.82-0.93 (a single class can
-    # still be as low as 0.1, so the minimum is only checked for consistency)
+    # chance is 0.1; a judge this brief can still miss a single class, so the minimum is only
+    # checked for consistency
     assert scores["mean"] > 0.6 and scores["min"] == min(scores["per_class"].values()), scores
     assert f"{scores['mean']:.3f}" in proc.stdout
-    # the same digits filed under the wrong class must score low (seeds 0-3: at most 0.035)
+    # the same digits filed under the wrong class must score low
     shifted = write_real_digits(mnist_root, tmp_path / "shifted", relabel=lambda c: (c + 1) % 10)
     assert score_directory(load_judge(str(judge), "cpu"), str(shifted), "cpu")["mean"] < 0.2
 

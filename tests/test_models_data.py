@@ -2,8 +2,10 @@
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 from data import DataError, augment, epoch_permutation, load_jem_data, load_split
+from conftest import local_mnist_mirror
 from models import build_model
 
 
@@ -27,26 +29,36 @@ def test_wrn_rejects_bad_depth():
 
 def test_offline_arrays_and_splits(data_root):
     x, y, classes = load_split("mnist", "test", data_root)
-    assert x.shape == (10000, 28, 28, 1) and x.dtype == np.uint8 and len(classes) == 10
-    d = load_jem_data("mnist", data_root, "cpu", n_valid=1000, train_subset=0.1, labels_per_class=5)
-    assert d.train_x.shape[1:] == (1, 28, 28) and len(d.valid_y) == 1000
-    assert torch.bincount(d.train_y).tolist() == [590] * 10  # class-balanced 10% of 59,000
+    assert x.shape == (400, 28, 28, 1) and x.dtype == np.uint8 and len(classes) == 10
+    d = load_jem_data("mnist", data_root, "cpu", n_valid=200, train_subset=0.5, labels_per_class=5)
+    assert d.train_x.shape[1:] == (1, 28, 28) and len(d.valid_y) == 200
+    assert torch.bincount(d.train_y).tolist() == [50] * 10  # class-balanced half of 1,000
     assert torch.bincount(d.train_y[d.labelled]).tolist() == [5] * 10
-    again = load_jem_data("mnist", data_root, "cpu", n_valid=1000, train_subset=0.1)
+    again = load_jem_data("mnist", data_root, "cpu", n_valid=200, train_subset=0.5)
     assert torch.equal(d.valid_x, again.valid_x)  # the split never depends on the run
 
 
-def test_unknown_dataset_and_missing_root(tmp_path):
+def test_unknown_dataset(tmp_path):
     with pytest.raises(DataError, match="unknown dataset"):
         load_split("imagenet", "train", str(tmp_path))
-    with pytest.raises(DataError, match="does not exist"):
-        load_split("mnist", "train", str(tmp_path / "nope"))
 
 
-def test_missing_arrays_fall_back_to_torchvision_and_report_failure(tmp_path):
-    """The users' path: no npz -> torchvision download; here there is no network, so a clean error."""
-    with pytest.raises(DataError, match="torchvision download failed"):
-        load_split("mnist", "test", str(tmp_path))
+def test_a_failed_download_is_one_clear_error_and_leaves_no_folders(tmp_path, monkeypatch):
+    """No arrays: torchvision downloads into the data root, made for it. A failed download names
+    the address tried and the offline alternative, and removes the folders it made."""
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [(tmp_path / "no-mirror").as_uri() + "/"])
+    root = tmp_path / "data"
+    with pytest.raises(DataError, match=r"downloading mnist from file://.*no-mirror/train-images-idx3-ubyte.gz "
+                                        r"failed .*offline, put the arrays at"):
+        load_split("mnist", "train", str(root))
+    assert not root.exists()
+
+
+def test_download_from_a_local_mirror(data_root, tmp_path, monkeypatch):
+    with local_mnist_mirror(monkeypatch, data_root, tmp_path / "mirror") as served:
+        x, y, classes = load_split("mnist", "test", str(tmp_path / "data"))
+    assert np.array_equal(x, served["test"][0]) and np.array_equal(y, served["test"][1])
+    assert classes[0].startswith("0") and (tmp_path / "data" / "mnist" / "MNIST" / "raw").is_dir()
 
 
 def test_augment_crops_flips_and_adds_noise():

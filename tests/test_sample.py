@@ -63,10 +63,10 @@ def test_missing_and_corrupt_checkpoints(trained, tmp_path):
     assert one_line_error(r, "does not exist"), r.stderr
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(trained.read_bytes()[:5000])  # a write cut short
-    assert one_line_error(run_script("sample.py", "--ckpt", corrupt), "cannot read"), r.stderr
+    assert one_line_error(run_script("sample.py", "--ckpt", corrupt), "is truncated or damaged"), r.stderr
     junk = tmp_path / "junk.pt"
     torch.save({"weights": torch.zeros(3)}, junk)
-    assert one_line_error(run_script("sample.py", "--ckpt", junk), "not a checkpoint")
+    assert one_line_error(run_script("sample.py", "--ckpt", junk), "written by another program, not a checkpoint")
 
 
 def test_checkpoint_of_another_architecture(trained, tmp_path):

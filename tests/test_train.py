@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import train_jem
-from checkpoint import load_checkpoint
-from conftest import REPO, run_script, tiny_run_args
+from checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_atomic
+from conftest import REPO, local_mnist_mirror, run_script, tiny_run_args
 
 
 def assert_same_state(a, b):
@@ -95,8 +95,6 @@ def test_semi_supervised_and_subset_flags_run(data_root, tmp_path):
 def test_cifar10_paper_preset_smoke(data_root, tmp_path):
     """The paper's preset (WRN-28-10, 20 SGLD steps) for 2 steps on real CIFAR-10; only the batch
     is cut, to 8, so this stays well under a minute on a laptop CPU."""
-    if not os.path.exists(os.path.join(data_root, "cifar10", "train.npz")):
-        pytest.skip("CIFAR-10 arrays not present")
     r = run_script("train_jem.py", "--preset", "cifar10-paper", "--data-root", data_root,
                    "--run-name", "paper", "--ckpt-root", tmp_path / "ck", "--samples-root",
                    tmp_path / "sm", "--max-iters", "2", "--batch-size", "8", "--n-valid", "64",
@@ -110,7 +108,7 @@ def test_cifar10_paper_preset_smoke(data_root, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--dataset", "imagenet"], "unknown dataset"),
-    (["--dataset", "mnist", "--data-root", "/nonexistent/data"], "does not exist"),
+    (["--dataset", "mnist", "--data-root", "/dev/null"], "is not a folder"),
     (["--run-name", "nothing-here", "--resume"], "does not exist"),
 ])
 def test_bad_training_input_is_one_line(tmp_path, args, message):
@@ -132,3 +130,76 @@ def test_a_buffer_too_small_for_class_slices_is_one_line(data_root, tmp_path):
     r = run_script("train_jem.py", *tiny_run_args(data_root, tmp_path, "small", "--buffer-size", "50"))
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1 and "--buffer-size 160 or more" in lines[0], r.stderr
+
+
+# ---- a user's first hour: what the run says, and the edge cases of resuming ------------------------
+
+class Opaque:
+    """An object of a program's own class, which a weights_only load refuses to build."""
+
+
+def test_unreadable_checkpoints_say_what_is_wrong(tmp_path):
+    good = tmp_path / "good.pt"
+    save_atomic({"format_version": FORMAT_VERSION, "config": {}}, str(good))
+    assert good.stat().st_mode & 0o044 == 0o044  # readable by the group and others, as files are
+    cases = {"text.pt": (b"not a checkpoint\n", "is not a PyTorch checkpoint"),
+             "empty.pt": (b"", "is empty"),
+             "cut.pt": (good.read_bytes()[:200], "is truncated or damaged")}
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(str(tmp_path / name))
+    torch.save({"model": Opaque()}, tmp_path / "code.pt")  # a pickled class of another program
+    with pytest.raises(CheckpointError, match="written by another program: it holds Python objects"):
+        load_checkpoint(str(tmp_path / "code.pt"))
+
+
+def test_the_run_talks_and_resuming_a_finished_run_does_nothing(data_root, tmp_path):
+    args = tiny_run_args(data_root, tmp_path, "talk", "--max-iters", "12", "--pretrain-epochs", "0")
+    r = run_script("train_jem.py", *args)
+    assert r.returncode == 0, r.stderr
+    head = r.stdout.splitlines()
+    assert head[0].startswith("run talk: device cpu") and "160 train, 50 validation, 400 test" in head[1]
+    assert "small ResNet width 4" in head[2] and "parameters" in head[2]
+    assert "no --preset" in head[3] and "checkpoints in" in r.stdout
+    assert "speed:" in r.stdout and "s/step in the JEM phase" in r.stdout
+    assert "step 4: validation accuracy" in r.stdout and "energy gap" in r.stdout
+    assert "talk JEM" in r.stderr  # the progress bar names its phase
+    metrics = tmp_path / "ck" / "talk" / "metrics.jsonl"
+    lines = metrics.read_text()
+    again = run_script("train_jem.py", "--run-name", "talk", "--resume", "--ckpt-root", tmp_path / "ck",
+                       "--samples-root", tmp_path / "sm")
+    assert again.returncode == 0 and "already finished at step 12" in again.stdout, again.stderr
+    assert metrics.read_text() == lines  # no second test line
+
+
+def test_elapsed_time_adds_up_over_resumes(data_root, tmp_path):
+    train_jem.main(tiny_run_args(data_root, tmp_path, "time", "--max-iters", "4"))
+    first = load_checkpoint(str(tmp_path / "ck" / "time" / "last.pt"))["elapsed_s"]
+    train_jem.main(tiny_run_args(data_root, tmp_path, "time", "--max-iters", "8", "--resume"))
+    records = [json.loads(l) for l in open(tmp_path / "ck" / "time" / "metrics.jsonl")]
+    test_line = [r for r in records if r["kind"] == "test"][-1]
+    assert first > 0 and test_line["elapsed_s"] > first
+
+
+def test_a_run_that_died_before_its_first_checkpoint_can_be_run_again(data_root, tmp_path):
+    run_dir = tmp_path / "ck" / "early"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")  # what a run killed in its first steps leaves
+    r = run_script("train_jem.py", "--run-name", "early", "--resume", "--ckpt-root", tmp_path / "ck")
+    assert r.returncode != 0 and "stopped before its first checkpoint" in r.stderr and "Traceback" not in r.stderr
+    train_jem.main(tiny_run_args(data_root, tmp_path, "early", "--max-iters", "2"))
+    assert load_checkpoint(str(run_dir / "last.pt"))["step"] == 2
+
+
+def test_preset_help_shows_the_presets_values():
+    r = run_script("train_jem.py", "--preset", "mnist-cpu", "--help")
+    assert r.returncode == 0
+    assert "(default: 5)" in r.stdout and "(default: 0.003)" in r.stdout  # epochs and lr of the preset
+
+
+def test_training_downloads_from_a_mirror_when_the_arrays_are_absent(data_root, tmp_path, monkeypatch):
+    with local_mnist_mirror(monkeypatch, data_root, tmp_path / "mirror"):
+        args = tiny_run_args(str(tmp_path / "fresh-data"), tmp_path, "dl", "--max-iters", "3")
+        train_jem.main(args)
+    assert load_checkpoint(str(tmp_path / "ck" / "dl" / "last.pt"))["step"] == 3
