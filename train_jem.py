@@ -605,11 +605,11 @@ def train(cfg, ckpt, ranks, device):
     valid_x, valid_y = data.valid_x[:cfg.max_eval], data.valid_y[:cfg.max_eval]
     if ranks.main:
         print_header(cfg, data, model, device, run_dir, sample_dir, iters_per_epoch, total)
-    if ckpt is not None and step >= total and finished_test_line(metrics_path, step):
+    finished = finished_test_line(metrics_path, step) if ckpt is not None and step >= total else None
+    if finished:
         if ranks.main:
             print(f"run '{cfg.run_name}' already finished at step {step} (test accuracy "
-                  f"{finished_test_line(metrics_path, step)['test_acc']:.4f}); nothing to do: raise "
-                  "--epochs or --max-iters to train on")
+                  f"{finished['test_acc']:.4f}); nothing to do: raise --epochs or --max-iters to train on")
         return
     model.train()
     switch_on = min(cfg.pretrain_epochs * iters_per_epoch, total)
