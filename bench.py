@@ -127,8 +127,8 @@ class LeanJEM:
             train_jem.draw_samples(self.model, self.sampler, self.buffer, len(x_lab), y_lab)
 
     def iteration(self, x_lab, y_lab, energy_on=True):
-        loss, metrics, _ = train_jem.jem_loss(self.model, self.sampler, self.buffer, self.cfg, x_lab, y_lab,
-                                              None, energy_on)
+        loss, metrics, _ = train_jem.jem_loss(self.model, self.sampler, self.buffer, self.cfg,
+                                              train_jem.Batch(x_lab, y_lab), energy_on)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])

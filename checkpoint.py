@@ -86,7 +86,8 @@ def model_kwargs(config, info):
     """The build_model arguments a training config implies (stored, so sample.py can replay them)."""
     return dict(arch=config["arch"], n_classes=info.n_classes, in_channels=info.channels,
                 norm=config["norm"], depth=config["depth"], widen=config["widen"],
-                width=config["width"], dropout=config["dropout"])
+                width=config["width"], dropout=config["dropout"],
+                activation=config.get("activation", "leaky_relu"))  # older checkpoints: leaky ReLU
 
 
 def load_model_state(model, state, path="checkpoint"):

@@ -78,8 +78,8 @@ def guard_cost(args):
                 "buffer": buffer.state_dict()}
 
     def one_step(step, guarded):
-        x, y, _ = train_jem.training_batch(data, cfg, info, step, iters_per_epoch, "cpu")
-        loss, metrics, _ = train_jem.jem_loss(model, sampler, buffer, cfg, x, y, None, energy_on=True)
+        batch = train_jem.training_batch(data, cfg, info, step, iters_per_epoch, "cpu")
+        loss, metrics, _ = train_jem.jem_loss(model, sampler, buffer, cfg, batch, energy_on=True)
         if not guarded:
             loss.item()
         optimizer.zero_grad(set_to_none=True)

@@ -16,6 +16,7 @@ import signal
 import sys
 import textwrap
 import time
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from cli import UsageError, run
 from data import augment, dataset_info, epoch_permutation, load_jem_data, to_float
 from distributed import (Ranks, barrier, check_buffer_split, gather_buffer, gather_objects,
                          health_across_ranks, rank_seed, setup, shard_of, sum_across_ranks, teardown)
-from models import ARCHS, build_model
+from models import ACTIVATIONS, ARCHS, build_model
 from models.energy import energy_from_logits
 from recovery import FAULTS, RUNGS, Guard, derived_seed, host_copy, mitigate
 from sgld import ReplayBuffer, SGLDSampler, class_conditional_samples, prepare_model, step_ramp
@@ -106,12 +107,17 @@ def build_parser():
     g.add_argument("--width", type=int, default=32, help="small ResNet base channels (default: %(default)s)")
     g.add_argument("--norm", default="none", choices=["none", "batch", "group", "instance"],
                    help="normalisation; JEM trains best without (default: %(default)s)")
+    g.add_argument("--activation", default="leaky_relu", choices=ACTIVATIONS,
+                   help="leaky_relu (slope 0.2, the JEM code's) or silu (default: %(default)s)")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout rate (default: %(default)s)")
     g = p.add_argument_group("objective")
     g.add_argument("--pyx-weight", type=float, default=1.0, help="weight of log p(y|x), the cross-entropy (default: %(default)s)")
     g.add_argument("--px-weight", type=float, default=1.0, help="weight of log p(x), unconditional SGLD; 0 = plain classifier (default: %(default)s)")
     g.add_argument("--pxy-weight", type=float, default=0.0, help="weight of log p(x,y), class-conditional SGLD (default: %(default)s)")
     g.add_argument("--l2-energy", type=float, default=0.0, help="penalty on squared energies of data and samples; try 0.1 if energies drift (default: %(default)s)")
+    g.add_argument("--energy-data", default="augmented", choices=["augmented", "clean"],
+                   help="what the energy terms' data side sees: the cross-entropy's augmented, noised "
+                        "images, or the same images clean (SADA-JEM) (default: %(default)s)")
     g.add_argument("--pretrain-epochs", type=int, default=0, help="first epochs as a plain classifier, then JEM (default: %(default)s)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="(default: %(default)s)")
@@ -233,43 +239,60 @@ def draw_samples(model, sampler, buffer, n, y=None):
     return x
 
 
-def jem_loss(model, sampler, buffer, cfg, x_lab, y_lab, x_unl, energy_on):
-    """The weighted objective on one batch. x_unl is None when every training image is labelled
-    (then x_lab serves both terms and one forward pass is saved). Returns (loss, metrics, samples):
-    metrics are 0-d tensors (no host sync here), samples the SGLD chains of this step or None."""
+class Batch(NamedTuple):
+    """One step's images. x, y feed the cross-entropy; x_px is the data side of log p(x) and x_pxy,
+    with labels y, that of log p(x, y); None means x itself, and saves a forward pass."""
+    x: torch.Tensor
+    y: torch.Tensor
+    x_px: Optional[torch.Tensor] = None
+    x_pxy: Optional[torch.Tensor] = None
+
+
+def jem_loss(model, sampler, buffer, cfg, batch, energy_on):
+    """The weighted objective on one Batch. Returns (loss, metrics, samples): metrics are 0-d tensors
+    (no host sync here), samples the SGLD chains of this step or None."""
     energy_on = energy_on and (cfg.px_weight > 0 or cfg.pxy_weight > 0)
-    chunks, metrics = [x_lab] + ([] if x_unl is None else [x_unl]), {}
+    chunks, metrics = [batch.x], {}
+
+    def chunk_of(x):  # where x's logits will sit in the one forward pass over all chunks
+        for i, c in enumerate(chunks):
+            if x is None and i == 0 or x is c:
+                return i
+        chunks.append(x)
+        return len(chunks) - 1
+
     if energy_on and cfg.px_weight > 0:
-        chunks.append(draw_samples(model, sampler, buffer, len(x_lab)))
+        i_px_data, i_px_q = chunk_of(batch.x_px), chunk_of(draw_samples(model, sampler, buffer, len(batch.x)))
     if energy_on and cfg.pxy_weight > 0:
         # chains for exactly the batch's labels, not uniform ones (as the official code): then each
         # class's logit is pushed up on as many data as down on samples, and the head's biases get
         # no net push. With uniform labels they random-walk under Adam and whole classes stop being
         # predicted (MNIST validation accuracy fell from 98% to 48%).
-        y_q = y_lab
-        chunks.append(draw_samples(model, sampler, buffer, len(x_lab), y_q))
+        y_q = batch.y
+        i_pxy_data = chunk_of(batch.x_pxy)
+        i_pxy_q = chunk_of(draw_samples(model, sampler, buffer, len(batch.x), y_q))
     logits_all = model(torch.cat(chunks))
     metrics["max_logit"] = logits_all.detach().abs().amax()  # |E(x, y)| of the worst image, for the guard
     logits = logits_all.split([len(c) for c in chunks])
-    logits_lab, rest = logits[0], list(logits[1:])
-    logits_unl = logits_lab if x_unl is None else rest.pop(0)
 
-    loss = cfg.pyx_weight * classification_loss(logits_lab, y_lab)
-    metrics["acc"] = (logits_lab.argmax(1) == y_lab).float().mean()
+    loss = cfg.pyx_weight * classification_loss(logits[0], batch.y)
+    metrics["acc"] = (logits[0].argmax(1) == batch.y).float().mean()
     if energy_on and cfg.px_weight > 0:
-        logits_q = rest.pop(0)
-        loss = loss + cfg.px_weight * px_loss(logits_unl, logits_q)
+        data, q = logits[i_px_data], logits[i_px_q]
+        loss = loss + cfg.px_weight * px_loss(data, q)
         if cfg.l2_energy > 0:
-            loss = loss + cfg.l2_energy * energy_l2(energy_from_logits(logits_unl), energy_from_logits(logits_q))
+            loss = loss + cfg.l2_energy * energy_l2(energy_from_logits(data), energy_from_logits(q))
     if energy_on and cfg.pxy_weight > 0:
-        logits_q = rest.pop(0)
-        loss = loss + cfg.pxy_weight * pxy_loss(logits_lab, y_lab, logits_q, y_q)
+        data, q = logits[i_pxy_data], logits[i_pxy_q]
+        loss = loss + cfg.pxy_weight * pxy_loss(data, batch.y, q, y_q)
         if cfg.l2_energy > 0:
-            loss = loss + cfg.l2_energy * energy_l2(energy_from_logits(logits_lab, y_lab),
-                                                    energy_from_logits(logits_q, y_q))
+            loss = loss + cfg.l2_energy * energy_l2(energy_from_logits(data, batch.y),
+                                                    energy_from_logits(q, y_q))
     if energy_on:
-        metrics["e_data"] = energy_from_logits(logits_unl).mean()
-        metrics["e_sample"] = energy_from_logits(logits_q).mean()
+        # E(x) on the data and the samples of the last term: the sampler wins when the gap is ~0
+        i_data, i_q = (i_pxy_data, i_pxy_q) if cfg.pxy_weight > 0 else (i_px_data, i_px_q)
+        metrics["e_data"] = energy_from_logits(logits[i_data]).mean()
+        metrics["e_sample"] = energy_from_logits(logits[i_q]).mean()
         metrics["gap"] = metrics["e_data"] - metrics["e_sample"]
     metrics["loss"] = loss
     return loss, metrics, (chunks[-1] if energy_on else None)
@@ -288,22 +311,29 @@ def learning_rate(cfg, step, iters_per_epoch):
 
 
 def training_batch(data, cfg, info, step, iters_per_epoch, device, ranks=Ranks()):
-    """This rank's part of the augmented global batch of this step: (x_lab, y_lab, x_unl).
+    """This rank's part of the augmented global batch of this step, as a Batch.
 
     The global batch (--batch-size images per rank), its order and its augmentation are a pure
     function of (seed, step): a resumed run sees the same batches, and N ranks together see exactly
-    what one process with an N times larger batch sees. x_unl is None when all images are labelled;
-    in the semi-supervised setting labelled images are drawn from their own small pool."""
+    what one process with an N times larger batch sees. In the semi-supervised setting labelled
+    images are drawn from their own small pool and log p(x) sees all images. With --energy-data
+    clean the energy terms see the images without augmentation or noise (SADA-JEM, sndnyang/SADAJEM
+    `utils.py`: the p(x) loader has no transform), while the cross-entropy keeps both."""
     n, mine = cfg.batch_size * ranks.world, slice(ranks.rank * cfg.batch_size, (ranks.rank + 1) * cfg.batch_size)
     epoch, i = divmod(step, iters_per_epoch)
     idx = epoch_permutation(len(data.train_x), cfg.seed, epoch, device)[i * n:(i + 1) * n]
     g = torch.Generator(device).manual_seed(cfg.seed * 100_003 + step)
-    x = augment(to_float(data.train_x[idx]), flip=info.flip, sigma=cfg.sigma, generator=g)[mine]
+    clean = cfg.energy_data == "clean"
+    x_clean = to_float(data.train_x[idx])
+    x = augment(x_clean, flip=info.flip, sigma=cfg.sigma, generator=g)
     if cfg.labels_per_class is None:
-        return x, data.train_y[idx][mine], None
+        x_energy = x_clean[mine] if clean else None
+        return Batch(x[mine], data.train_y[idx][mine], x_energy, x_energy)
     lab = data.labelled[torch.randint(len(data.labelled), (n,), generator=g, device=device)]
-    x_lab = augment(to_float(data.train_x[lab]), flip=info.flip, sigma=cfg.sigma, generator=g)[mine]
-    return x_lab, data.train_y[lab][mine], x
+    x_lab_clean = to_float(data.train_x[lab])
+    x_lab = augment(x_lab_clean, flip=info.flip, sigma=cfg.sigma, generator=g)
+    return Batch(x_lab[mine], data.train_y[lab][mine], (x_clean if clean else x)[mine],
+                 x_lab_clean[mine] if clean else None)
 
 
 # ---- bookkeeping -----------------------------------------------------------------------------------
@@ -622,13 +652,13 @@ def train(cfg, ckpt, ranks, device):
                 bar.close()
                 bar = phase_bar(cfg, step, switch_on, total, disable=not ranks.main)
                 energy_phase_bar = step >= switch_on
-            x_lab, y_lab, x_unl = training_batch(data, cfg, info, step, iters_per_epoch, device, ranks)
+            batch = training_batch(data, cfg, info, step, iters_per_epoch, device, ranks)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step, iters_per_epoch)
             fault = guard.inject(step, model, optimizer)
             if fault:
                 log({"step": step, "kind": "fault", "fault": fault})
-            loss, metrics, samples = jem_loss(net, sampler, buffer, cfg, x_lab, y_lab, x_unl,
+            loss, metrics, samples = jem_loss(net, sampler, buffer, cfg, batch,
                                               energy_on=epoch >= cfg.pretrain_epochs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

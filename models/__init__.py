@@ -1,5 +1,5 @@
 """Classifiers read as energy models: `build_model(config)` gives a WideResNet or a small ResNet."""
-from .energy import EnergyClassifier
+from .energy import ACTIVATIONS, EnergyClassifier
 from .resnet import SmallResNet
 from .wideresnet import WideResNet
 
@@ -7,13 +7,15 @@ ARCHS = ("wrn", "resnet")
 
 
 def build_model(arch, n_classes, in_channels, norm="none", depth=28, widen=10, width=32,
-                dropout=0.0):
+                dropout=0.0, activation="leaky_relu"):
     """One builder for every script: the checkpoint stores these arguments, sample.py replays them."""
     if arch == "wrn":
-        return WideResNet(depth, widen, n_classes, in_channels, norm=norm, dropout=dropout)
+        return WideResNet(depth, widen, n_classes, in_channels, norm=norm, dropout=dropout,
+                          activation=activation)
     if arch == "resnet":
-        return SmallResNet(width, n_classes, in_channels, norm=norm, dropout=dropout)
+        return SmallResNet(width, n_classes, in_channels, norm=norm, dropout=dropout,
+                           activation=activation)
     raise ValueError(f"unknown architecture '{arch}'; choose one of: {', '.join(ARCHS)}")
 
 
-__all__ = ["ARCHS", "EnergyClassifier", "SmallResNet", "WideResNet", "build_model"]
+__all__ = ["ACTIVATIONS", "ARCHS", "EnergyClassifier", "SmallResNet", "WideResNet", "build_model"]

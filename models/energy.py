@@ -38,8 +38,15 @@ def energy_from_logits(logits, y=None):
     return -logits.gather(1, y[:, None]).squeeze(1)
 
 
-LEAK = 0.2  # leaky ReLU slope of the JEM code: the input gradient never vanishes, which SGLD needs
+ACTIVATIONS = ("leaky_relu", "silu")
 
 
-def act(x):
-    return F.leaky_relu(x, LEAK)
+def make_act(kind):
+    """leaky ReLU with the JEM code's slope 0.2: the input gradient never vanishes, which SGLD needs.
+    SiLU (Swish) is smooth too, so its input gradient changes continuously along a chain; the JEM
+    authors advise it for stability (wgrathwohl/JEM issue 8)."""
+    if kind == "leaky_relu":
+        return nn.LeakyReLU(0.2)
+    if kind == "silu":
+        return nn.SiLU()
+    raise ValueError(f"unknown activation '{kind}'; choose one of: {', '.join(ACTIVATIONS)}")

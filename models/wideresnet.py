@@ -1,26 +1,28 @@
-"""WideResNet (Zagoruyko & Komodakis 2016) as in the JEM code: optional norm, leaky ReLU, dropout."""
+"""WideResNet (Zagoruyko & Komodakis 2016) as in the JEM code: optional norm, leaky ReLU (or SiLU), dropout."""
 import torch.nn as nn
 
-from .energy import EnergyClassifier, act, make_norm
+from .energy import EnergyClassifier, make_act, make_norm
 
 
 class WideBasic(nn.Module):
-    def __init__(self, c_in, c_out, stride, norm, dropout):
+    def __init__(self, c_in, c_out, stride, norm, dropout, activation):
         super().__init__()
+        self.act = make_act(activation)
         self.norm1, self.conv1 = make_norm(norm, c_in), nn.Conv2d(c_in, c_out, 3, 1, 1)
         self.dropout = nn.Dropout(dropout)
         self.norm2, self.conv2 = make_norm(norm, c_out), nn.Conv2d(c_out, c_out, 3, stride, 1)
         self.skip = nn.Conv2d(c_in, c_out, 1, stride) if (stride != 1 or c_in != c_out) else nn.Identity()
 
     def forward(self, x):
-        h = self.dropout(self.conv1(act(self.norm1(x))))
-        return self.skip(x) + self.conv2(act(self.norm2(h)))
+        h = self.dropout(self.conv1(self.act(self.norm1(x))))
+        return self.skip(x) + self.conv2(self.act(self.norm2(h)))
 
 
 class WideResNet(EnergyClassifier):
     """WRN-depth-widen: depth = 6n + 4, three stages of n blocks with 16k, 32k, 64k channels."""
 
-    def __init__(self, depth=28, widen=10, n_classes=10, in_channels=3, norm="none", dropout=0.0):
+    def __init__(self, depth=28, widen=10, n_classes=10, in_channels=3, norm="none", dropout=0.0,
+                 activation="leaky_relu"):
         super().__init__()
         if (depth - 4) % 6 != 0:
             raise ValueError(f"WideResNet depth must be 6n + 4 (10, 16, 22, 28, ...), got {depth}")
@@ -31,11 +33,11 @@ class WideResNet(EnergyClassifier):
         for stage, c_out in enumerate(widths[1:]):
             for i in range(n):
                 stride = 2 if (stage > 0 and i == 0) else 1
-                layers.append(WideBasic(c_in, c_out, stride, norm, dropout))
+                layers.append(WideBasic(c_in, c_out, stride, norm, dropout, activation))
                 c_in = c_out
         self.blocks = nn.Sequential(*layers)
-        self.norm = make_norm(norm, c_in)
+        self.norm, self.act = make_norm(norm, c_in), make_act(activation)
         self.head = nn.Linear(c_in, n_classes)
 
     def features(self, x):
-        return act(self.norm(self.blocks(self.stem(x)))).mean(dim=(2, 3))
+        return self.act(self.norm(self.blocks(self.stem(x)))).mean(dim=(2, 3))

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import train_jem
-from checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_atomic
+from checkpoint import (FORMAT_VERSION, CheckpointError, load_checkpoint, model_from_checkpoint,
+                        model_kwargs, save_atomic)
+from data import dataset_info, load_jem_data
 from conftest import REPO, local_mnist_mirror, run_script, tiny_run_args
 
 
@@ -203,3 +205,39 @@ def test_training_downloads_from_a_mirror_when_the_arrays_are_absent(data_root, 
         args = tiny_run_args(str(tmp_path / "fresh-data"), tmp_path, "dl", "--max-iters", "3")
         train_jem.main(args)
     assert load_checkpoint(str(tmp_path / "ck" / "dl" / "last.pt"))["step"] == 3
+
+
+@pytest.mark.parametrize("labels_per_class", [None, 5])
+def test_clean_energy_data_sees_the_images_without_augmentation(data_root, labels_per_class):
+    """--energy-data clean (SADA-JEM): the energy terms' data side is the raw image in [-1, 1], the
+    cross-entropy's input the augmented, noised one; the default feeds both from one tensor."""
+    extra = [] if labels_per_class is None else ["--labels-per-class", str(labels_per_class)]
+    cfg, _ = train_jem.resolve_config(["--dataset", "mnist", "--data-root", data_root, "--batch-size", "8",
+                                    "--energy-data", "clean", *extra])
+    data = load_jem_data("mnist", data_root, "cpu", n_valid=100, labels_per_class=labels_per_class)
+    info = dataset_info("mnist")
+    clean = train_jem.training_batch(data, cfg, info, 3, 10, "cpu")
+    cfg.energy_data = "augmented"
+    default = train_jem.training_batch(data, cfg, info, 3, 10, "cpu")
+    assert torch.equal(clean.x, default.x) and torch.equal(clean.y, default.y)
+    on_grid = lambda x: torch.allclose((x + 1) * 127.5, ((x + 1) * 127.5).round(), atol=1e-4)
+    assert on_grid(clean.x_px) and on_grid(clean.x_pxy) and not on_grid(clean.x)
+    assert clean.x_px.abs().max() <= 1 and clean.x_pxy.abs().max() <= 1
+    if labels_per_class is None:
+        assert default.x_px is None and default.x_pxy is None  # one forward pass serves all terms
+        assert clean.x_px is clean.x_pxy  # and one for both energy terms
+        assert (clean.x_px - clean.x).abs().mean() > 0.01
+    else:
+        assert default.x_pxy is None and default.x_px.shape == clean.x_px.shape
+        assert not torch.equal(clean.x_px, clean.x_pxy)  # all images vs. the labelled pool
+
+
+def test_silu_model_trains_and_replays_from_its_checkpoint(data_root, tmp_path):
+    train_jem.main(tiny_run_args(data_root, tmp_path, "silu", "--activation", "silu", "--max-iters", 3,
+                                 "--energy-data", "clean"))
+    ckpt = load_checkpoint(str(tmp_path / "ck" / "silu" / "last.pt"))
+    model = model_from_checkpoint(ckpt, dataset_info("mnist"), "cpu")
+    assert any(isinstance(m, torch.nn.SiLU) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.LeakyReLU) for m in model.modules())
+    old_config = {k: v for k, v in ckpt["config"].items() if k != "activation"}  # before the flag
+    assert model_kwargs(old_config, dataset_info("mnist"))["activation"] == "leaky_relu"
