@@ -15,7 +15,7 @@ Give a JEM checkpoint and its plain-classifier baseline (the same script with --
                SGLD-refinement defence (attacked through it with BPDA); robust-accuracy curves
   samples      FID and Inception Score of fresh class-conditional SGLD samples and of the saved
                replay buffer (labelled as such), with the penultimate features / predictions of a
-               judge classifier (train_classifier.py), plus torchmetrics' Inception when available
+               judge classifier (train_classifier.py); standard Inception FID and KID (inception.py)
 
 Writes OUT/<mode>.json (the protocol and one entry per checkpoint) and OUT/<mode>*.png, where OUT
 defaults to a `results` folder next to the first checkpoint. Pixels are in [-1, 1] inside the
@@ -41,6 +41,7 @@ import metrics  # noqa: E402
 from checkpoint import load_checkpoint, model_from_checkpoint, sgld_step_rule  # noqa: E402
 from cli import UsageError, resolve_device, run  # noqa: E402
 from data import DATASETS, DataError, dataset_info, load_split, to_float, to_uint8  # noqa: E402
+from inception import InceptionFeatures, inception_features, inception_scores  # noqa: E402
 from sgld import ReplayBuffer, SGLDSampler, class_conditional_samples  # noqa: E402
 
 MODES = ("accuracy", "calibration", "ood", "robustness", "samples")
@@ -100,8 +101,8 @@ def build_parser():
                    help="start fresh chains from uniform noise or from the saved replay buffer (default: %(default)s)")
     g.add_argument("--sample-steps", type=int, help=f"SGLD steps of fresh chains (default: {NOISE_START_STEPS} "
                                                     "from noise, the training value from the buffer)")
-    g.add_argument("--no-inception", action="store_true", help="skip the Inception FID/IS attempt (default: try "
-                                                               "it; needs torch-fidelity and its weights)")
+    g.add_argument("--no-inception", action="store_true", help="skip the standard Inception FID and KID (default: "
+                                                               "compute them; weights from `python inception.py --fetch`)")
     return p
 
 
@@ -463,31 +464,6 @@ def judge_scores(judge, real, fake, y_fake, batch_size):
     return out
 
 
-def inception_scores(real, fake, batch_size):
-    """FID / IS with torch-fidelity's Inception v3 through torchmetrics. It needs the torch-fidelity
-    package and a download of its weights: without either, the reason is returned instead."""
-    try:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-        from torchmetrics.image.inception import InceptionScore
-        fid = FrechetInceptionDistance(feature=2048).to(real.device)
-        inception = InceptionScore().to(real.device)
-
-        def rgb(x):  # uint8, three channels; torchmetrics resizes to 299 x 299 itself
-            x = to_uint8(x)
-            return x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
-        with torch.no_grad():
-            for b in real.split(batch_size):
-                fid.update(rgb(b), real=True)
-            for b in fake.split(batch_size):
-                fid.update(rgb(b), real=False)
-                inception.update(rgb(b))
-        is_mean, _ = inception.compute()
-        return {"fid_inception": fid.compute().item(), "is_inception": is_mean.item()}
-    except Exception as e:  # ModuleNotFoundError, URLError, ...: offline is the normal case here
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        return {"inception": f"unavailable: {type(e).__name__}: {reason[:200]}"}
-
-
 def buffer_images(m, n, g):
     """n random chains of the saved replay buffer, as they are, with their slot's class if it has one."""
     state = m.ckpt["buffer"]
@@ -497,7 +473,8 @@ def buffer_images(m, n, g):
     return x[idx], y
 
 
-def eval_samples(models, x_test, args, data_root, device, out):
+def eval_samples(models, x_test, args, data_root, device, out, extractor=None):
+    """extractor: an InceptionFeatures for the standard FID / KID beside the judge's, or None."""
     cfg, info = models[0].cfg, models[0].info
     judge_path = judge_path_for(args, cfg["dataset"])
     judge = load_judge_for(judge_path, cfg["dataset"], device)
@@ -507,17 +484,18 @@ def eval_samples(models, x_test, args, data_root, device, out):
     x_train, _, _ = load_split(cfg["dataset"], "train", data_root)
     real_train = images_to_float(x_train[subset(len(x_train), n, args.seed).numpy()], device)
     floor = judge_scores(judge, real, real_train, None, args.batch_size)
-    if not args.no_inception:
-        floor.update(inception_scores(real, real_train, args.batch_size))
-    # tried once: when Inception is unavailable for the real images, it is for the samples too
-    use_inception = not args.no_inception and "inception" not in floor
+    if extractor is not None:
+        real_feats = inception_features(extractor, real)
+        floor.update(inception_scores(real_feats, inception_features(extractor, real_train)))
 
     def inception_or_nothing(fake):
-        return inception_scores(real, fake, args.batch_size) if use_inception else {}
+        return {} if extractor is None else inception_scores(real_feats, inception_features(extractor, fake))
     shape = (info.channels, info.image_size, info.image_size)
     result = {"protocol": {
         "judge": judge_path, "n_real": n, "real": f"{n} random {cfg['dataset']} test images",
-        "features": "FID on the judge's 256-d penultimate activations, IS on its softmax (10 splits)",
+        "features": "fid_judge / is_judge: the judge's 256-d penultimate activations and softmax (10 "
+                    "splits); fid_inception / kid_inception: TF-Inception v3 pool3 (2048-d, inception.py), "
+                    "the literature's features; no Inception Score: those weights have no classifier",
         "judge_acc": "fraction of class-conditional samples the judge assigns to their class",
         "real_train_vs_test": {"what": f"{n} real training images scored like samples: the floor for this n",
                                **floor}},
@@ -581,8 +559,11 @@ def print_summary(mode, result):
             line = "  ".join(f"{k}: " + " ".join(f"{a:.3f}" for a in v) for k, v in r["robust_acc"].items())
         else:
             f, b = r["fresh"], r["replay_buffer"]
-            line = (f"fresh: FID {f['fid_judge']:.2f} IS {f['is_judge']:.2f} judge acc {f['judge_acc']:.3f}; "
-                    f"buffer: FID {b['fid_judge']:.2f} IS {b['is_judge']:.2f}")
+            line = (f"fresh: judge FID {f['fid_judge']:.2f} IS {f['is_judge']:.2f} acc {f['judge_acc']:.3f}; "
+                    f"buffer: judge FID {b['fid_judge']:.2f} IS {b['is_judge']:.2f}")
+            if "fid_inception" in f:
+                line += (f"; Inception FID / KID fresh {f['fid_inception']:.2f} / {f['kid_inception']:.4f}, "
+                         f"buffer {b['fid_inception']:.2f} / {b['kid_inception']:.4f}")
         print(f"[{mode}] {label}: {line}")
 
 
@@ -605,8 +586,10 @@ def main(argv=None):
         raise UsageError("two checkpoints share a label; give --labels")
     if "ood" in args.mode and args.ood:
         check_ood_names(args.ood, dataset)
-    if "samples" in args.mode:
-        judge_path_for(args, dataset)  # before minutes of other modes
+    extractor = None
+    if "samples" in args.mode:  # both checked before minutes of other modes
+        judge_path_for(args, dataset)
+        extractor = None if args.no_inception else InceptionFeatures().to(device)
     data_root = args.data_root or models[0].cfg["data_root"]
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt[0])), "results")
     os.makedirs(out, exist_ok=True)
@@ -627,7 +610,7 @@ def main(argv=None):
         elif mode == "robustness":
             result = eval_robustness(models, x_test, y_test, args, out)
         else:
-            result = eval_samples(models, x_test, args, data_root, device, out)
+            result = eval_samples(models, x_test, args, data_root, device, out, extractor)
         result.update(mode=mode, dataset=dataset, seed=args.seed, seconds=round(time.time() - t0, 1))
         path = save_json(out, mode, result)
         print_summary(mode, result)

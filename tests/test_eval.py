@@ -188,7 +188,8 @@ def test_eval_all_modes_on_a_tiny_checkpoint(tiny, data_root, tmp_path):
                    "--data-root", data_root, "--out", out, "--device", "cpu", "--n-test", 60,
                    "--n-refine", 20, "--refine-steps", 2, "--n-ood", 30, "--ood", "fashion_mnist", "uniform",
                    "interp", "--n-robust", 20, "--pgd-steps", 2, "--eps-linf", 0, 0.3, "--norms", "linf",
-                   "--judge", judge, "--n-samples", 40, "--sample-steps", 2, "--batch-size", 32)
+                   "--judge", judge, "--n-samples", 40, "--sample-steps", 2, "--batch-size", 32,
+                   "--no-inception")  # Inception has its own test: 0.2 s an image on a CPU
     assert r.returncode == 0, r.stderr
     acc = json.load(open(out / "accuracy.json"))["models"]
     assert set(acc) == {"a", "b"} and 0 <= acc["a"]["acc"] <= 1 and acc["a"]["acc"] == acc["b"]["acc"]
@@ -216,7 +217,8 @@ def test_eval_all_modes_on_a_tiny_checkpoint(tiny, data_root, tmp_path):
 def test_a_checkpoints_figures_do_not_depend_on_the_rest_of_the_call(tiny, data_root, tmp_path):
     ckpt, judge = tiny
     common = ["--data-root", data_root, "--device", "cpu", "--n-test", 40, "--n-refine", 20,
-              "--refine-steps", 2, "--judge", judge, "--n-samples", 30, "--sample-steps", 3, "--batch-size", 16]
+              "--refine-steps", 2, "--judge", judge, "--n-samples", 30, "--sample-steps", 3, "--batch-size", 16,
+              "--no-inception"]
     cli = lambda *argv: run(lambda: eval_jem.main([str(a) for a in argv + tuple(common)]))  # noqa: E731
     cli("--ckpt", ckpt, ckpt, "--labels", "a", "b", "--mode", "accuracy", "samples", "--out", tmp_path / "both")
     cli("--ckpt", ckpt, "--labels", "b", "--mode", "samples", "--out", tmp_path / "alone")
