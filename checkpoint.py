@@ -2,11 +2,12 @@
 
 A checkpoint is a dict of tensors and plain Python values (no pickled classes), loaded with
 `torch.load(weights_only=True)`. Keys: format_version, config (the resolved training flags),
-step, model, optimizer, buffer, rng, best_valid_acc.
+step, model, optimizer, buffer, rng, best_valid_acc, and a checksum of the rest checked on load.
 """
 import os
 import pickle
 import tempfile
+import zlib
 
 import torch
 
@@ -19,9 +20,41 @@ class CheckpointError(Exception):
     """Missing, corrupt, foreign or mismatched checkpoint: reported as one line by the scripts."""
 
 
-def save_atomic(obj, path):
+class DamagedCheckpoint(CheckpointError):
+    """Empty, truncated, or unzipping to other bytes than were written."""
+
+
+def checksum(obj):
+    """CRC-32 over every tensor's dtype, shape and bytes and every other value, in key order. Stored
+    in the checkpoint and checked on load, it catches what the zip container lets through: a bad
+    sector or a half-synced copy that still unzips but holds other numbers."""
+    crc = 0
+
+    def walk(o):
+        nonlocal crc
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            crc = zlib.crc32(f"{t.dtype}{tuple(t.shape)}".encode(), crc)
+            if t.numel():
+                crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), crc)
+        elif isinstance(o, dict):
+            for k in sorted(o, key=str):
+                crc = zlib.crc32(repr(k).encode(), crc)
+                walk(o[k])
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                walk(v)
+        else:
+            crc = zlib.crc32(repr(o).encode(), crc)
+    walk(obj)
+    return crc
+
+
+def save_atomic(obj, path, rotate_to=None):
     """Write to a temp file in the same directory, fsync, then rename: a reader (or a crash at any
-    moment) sees the old file or the new one, never half of one."""
+    moment) sees the old file or the new one, never half of one. A write that fails (disk full)
+    leaves no temp file and the old file untouched. With rotate_to, the old file is first renamed
+    there, so the previous checkpoint survives beside the new one."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
     try:
@@ -30,11 +63,18 @@ def save_atomic(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
+        if rotate_to and os.path.exists(path):
+            os.replace(path, rotate_to)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_checkpoint(ckpt, path, rotate_to=None):
+    """save_atomic with the checksum that load_checkpoint verifies."""
+    save_atomic({**ckpt, "checksum": checksum(ckpt)}, path, rotate_to)
 
 
 def _umask():
@@ -54,7 +94,7 @@ def load_checkpoint(path, map_location="cpu"):
     with open(path, "rb") as f:
         head = f.read(4)
     if not head:
-        raise CheckpointError(f"'{path}' is empty (a write that never finished?)")
+        raise DamagedCheckpoint(f"'{path}' is empty (a write that never finished?)")
     if head != ZIP_MAGIC and head[:1] != b"\x80":
         raise CheckpointError(f"'{path}' is not a PyTorch checkpoint (it does not start as torch.save's "
                               "zip archive does)")
@@ -65,14 +105,46 @@ def load_checkpoint(path, map_location="cpu"):
                               "not plain data, and is not loaded (weights_only)") from None
     except Exception as e:
         first_sentence = str(e).strip().split(". ")[0].splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"'{path}' is truncated or damaged ({first_sentence})") from None
+        raise DamagedCheckpoint(f"'{path}' is truncated or damaged ({first_sentence})") from None
     if not isinstance(ckpt, dict) or "format_version" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"'{path}' is a PyTorch file written by another program, not a "
                               "checkpoint of train_jem.py")
     if ckpt["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"'{path}' has format version {ckpt['format_version']}; this code "
                               f"reads up to {FORMAT_VERSION}: update the code")
+    stored = ckpt.pop("checksum", None)  # None: written before checksums
+    if stored is not None and checksum(ckpt) != stored:
+        raise DamagedCheckpoint(f"'{path}' is damaged: its contents do not match the checksum written "
+                                "with them")
     return ckpt
+
+
+RESUMABLE = ("last.pt", "prev.pt", "best.pt")  # each a whole run state; train_jem.py writes them
+
+
+def load_resumable(run_dir):
+    """The newest checkpoint of a run that loads and verifies, among last.pt, prev.pt (the one
+    before it) and best.pt: (checkpoint, its file name, {file: why it was passed over}). A damaged
+    file is renamed <name>.damaged: kept for inspection, out of the rotation, so the next write
+    does not rotate it into prev.pt. CheckpointError, naming each file's fault, when none is usable."""
+    best, name, faults = None, None, {}
+    for candidate in RESUMABLE:
+        path = os.path.join(run_dir, candidate)
+        if not os.path.exists(path):
+            continue
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as e:
+            faults[candidate] = str(e)
+            if isinstance(e, DamagedCheckpoint):
+                os.replace(path, path + ".damaged")
+            continue
+        if best is None or ckpt["step"] > best["step"]:
+            best, name = ckpt, candidate
+    if best is None:
+        why = "; ".join(faults.values()) or f"no checkpoint in '{run_dir}'"
+        raise CheckpointError(f"nothing to resume: {why}")
+    return best, name, faults
 
 
 def sgld_step_rule(config):

@@ -52,19 +52,45 @@ def load_split(name, split, data_root):
         raise DataError(f"data root '{data_root}' is not a folder")
     path = os.path.join(data_root, name, f"{split}.npz")
     if os.path.exists(path):
-        return _load_npz(path)
+        return _load_npz(path, name)
     return _load_torchvision(name, split, data_root)
 
 
-def _load_npz(path):
+def _load_npz(path, name):
     try:
         with np.load(path, allow_pickle=False) as f:
-            x, y, classes = f["x"], f["y"].astype(np.int64), [str(c) for c in f["classes"]]
-    except Exception as e:  # zip/npz errors come in many types
-        raise DataError(f"cannot read '{path}': {e}") from None
-    if x.dtype != np.uint8 or x.ndim != 4 or len(x) != len(y):
-        raise DataError(f"'{path}' is not N x H x W x C uint8 images with N labels")
-    return x, y, classes
+            missing = [k for k in ("x", "y", "classes") if k not in f.files]
+            if missing:
+                raise DataError(f"'{path}' lacks the array(s) {', '.join(missing)} (it needs x, y and classes)")
+            x, y, classes = f["x"], f["y"], [str(c) for c in f["classes"]]
+    except DataError:
+        raise
+    except Exception as e:  # zip/npz errors come in many types: truncated, not a zip, bad CRC, ...
+        raise DataError(f"cannot read '{path}' (truncated or damaged?): {e}") from None
+    check_arrays(path, name, x, y, classes)
+    return x, y.astype(np.int64), classes
+
+
+def check_arrays(path, name, x, y, classes):
+    """Every way a dataset's arrays can be wrong, as one DataError naming the file and the fault,
+    before any training starts."""
+    info = DATASETS[name]
+    want = f"N x {info.image_size} x {info.image_size} x {info.channels}"
+    if x.dtype != np.uint8:
+        raise DataError(f"'{path}': x has dtype {x.dtype}; images must be uint8 (0..255)")
+    if x.ndim != 4 or x.shape[1:] != (info.image_size, info.image_size, info.channels):
+        raise DataError(f"'{path}': x has shape {x.shape}; {name} images are {want} (N x H x W x C)")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"'{path}': y has dtype {y.dtype}; labels must be integers")
+    if y.ndim != 1 or len(y) != len(x):
+        raise DataError(f"'{path}': y has shape {y.shape} for {len(x)} images; it needs one label each")
+    if len(x) == 0:
+        raise DataError(f"'{path}' holds no images")
+    if y.min() < 0 or y.max() >= info.n_classes:
+        raise DataError(f"'{path}': labels run from {y.min()} to {y.max()}; {name} has classes "
+                        f"0..{info.n_classes - 1}")
+    if len(classes) != info.n_classes:
+        raise DataError(f"'{path}': {len(classes)} class names for the {info.n_classes} classes of {name}")
 
 
 def _torchvision_class(name):

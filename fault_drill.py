@@ -1,13 +1,18 @@
-"""Fault drill: many short real training runs with injected divergences; do they all recover?
+"""Fault drill: many short real training runs with injected faults; do they all finish?
 And what does the guard cost a healthy step?
 
-    python fault_drill.py --data-root ../shared/data --runs 20
-    python fault_drill.py --data-root ../shared/data --cost        # healthy steps, guard on vs off
+    python fault_drill.py --data-root ../shared/data --runs 20          # divergences
+    python fault_drill.py --data-root ../shared/data --runs 20 --disk   # kills and damaged checkpoints
+    python fault_drill.py --data-root ../shared/data --cost             # healthy steps, guard on vs off
 
-Each run trains a small ResNet JEM on 2,000 real MNIST images for --steps steps with one to three
-faults (a NaN in a weight, or a 10^4 x learning-rate spike) at random steps, seeded by the run
-index, and must finish with finite weights. Prints one row per run and the recovery rate; exits
-non-zero if any run did not finish.
+Each run trains a small ResNet JEM on 2,000 real MNIST images for --steps steps, seeded by the run
+index. Divergence drill: one to three faults (a NaN in a weight, or a 10^4 x learning-rate spike) at
+random steps; the run must finish with finite weights. Disk drill: the run is resumed until it
+finishes, and each segment meets a random fate: SIGKILL at a random moment (mid-step or mid-write),
+a full disk (a file-size limit under which every checkpoint write fails) and then SIGKILL or the
+end, or nothing; between segments last.pt may get random bytes overwritten or be truncated. The
+table gives the steps each resume lost and the final accuracy beside an undisturbed run of the same
+seed (resume is exact, so they must agree). Exits non-zero if any run did not finish.
 """
 import argparse
 import json
@@ -22,27 +27,98 @@ from recovery import FAULTS
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 
+def train_cmd(i, args, root, name, ckpt_every=25):
+    return [sys.executable, os.path.join(REPO, "train_jem.py"), "--dataset", "mnist", "--data-root", args.data_root,
+            "--arch", "resnet", "--width", "8", "--train-subset", "2000", "--n-valid", "500", "--batch-size", "32",
+            "--n-steps", "5", "--buffer-size", "1000", "--px-weight", "0", "--pxy-weight", "1", "--clamp",
+            "--buffer-init", "data", "--l2-energy", "0.01", "--lr", "1e-3", "--warmup-iters", "10",
+            "--epochs", "100", "--max-iters", str(args.steps), "--eval-every", "100000", "--sample-every", "0",
+            "--snapshot-every", "20", "--ckpt-every", str(ckpt_every), "--seed", str(i), "--run-name", name,
+            "--ckpt-root", os.path.join(root, "ck"), "--samples-root", os.path.join(root, "sm"), "--device", "cpu"]
+
+
+def metrics_of(root, name):
+    path = os.path.join(root, "ck", name, "metrics.jsonl")
+    return [json.loads(l) for l in open(path) if l.strip()] if os.path.exists(path) else []
+
+
+def test_acc_of(root, name):
+    test = [l for l in metrics_of(root, name) if l["kind"] == "test"]
+    return test[-1]["test_acc"] if test else None
+
+
 def drill_run(i, args, root):
     rng = random.Random(i)
     faults = sorted({f"{rng.randrange(5, args.steps - 5)}:{rng.choice(FAULTS)}" for _ in range(rng.randint(1, 3))},
                     key=lambda f: int(f.split(":")[0]))
     name = f"drill{i}"
-    cmd = [sys.executable, os.path.join(REPO, "train_jem.py"), "--dataset", "mnist", "--data-root", args.data_root,
-           "--arch", "resnet", "--width", "8", "--train-subset", "2000", "--n-valid", "500", "--batch-size", "32",
-           "--n-steps", "5", "--buffer-size", "1000", "--px-weight", "0", "--pxy-weight", "1", "--clamp",
-           "--buffer-init", "data", "--l2-energy", "0.01", "--lr", "1e-3", "--warmup-iters", "10",
-           "--epochs", "100", "--max-iters", str(args.steps), "--eval-every", "100000", "--sample-every", "0",
-           "--snapshot-every", "20", "--ckpt-every", "25", "--seed", str(i), "--run-name", name,
-           "--ckpt-root", os.path.join(root, "ck"), "--samples-root", os.path.join(root, "sm"), "--device", "cpu"]
+    cmd = train_cmd(i, args, root, name)
     for f in faults:
         cmd += ["--inject-fault", f]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    lines = [json.loads(l) for l in open(os.path.join(root, "ck", name, "metrics.jsonl"))]
-    events = [l for l in lines if l["kind"] == "recovery"]
-    test = [l for l in lines if l["kind"] == "test"]
-    return {"run": i, "faults": " ".join(faults), "finished": r.returncode == 0 and bool(test),
+    events = [l for l in metrics_of(root, name) if l["kind"] == "recovery"]
+    acc = test_acc_of(root, name)
+    return {"run": i, "faults": " ".join(faults), "finished": r.returncode == 0 and acc is not None,
             "events": len(events), "triggers": "; ".join(sorted({e["trigger"] for e in events})),
-            "test_acc": test[0]["test_acc"] if test else None}
+            "test_acc": acc}
+
+
+DISK_FULL = 1 << 20  # bytes a process may write to one file: logs fit, no checkpoint does
+
+
+def _disk_full():
+    import resource
+    resource.setrlimit(resource.RLIMIT_FSIZE, (DISK_FULL, DISK_FULL))  # writes beyond: EFBIG
+
+
+def damage(path, rng):
+    """Overwrite 64 random bytes of the file's second half (a bad sector), or cut it short."""
+    data = bytearray(open(path, "rb").read())
+    if rng.random() < 0.5:
+        for _ in range(64):
+            data[rng.randrange(len(data) // 2, len(data))] ^= 0x5A
+        kind = "bytes"
+    else:
+        data, kind = data[:rng.randrange(len(data))], "truncated"
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    return kind
+
+
+def disk_drill_run(i, args, root, max_segments=12):
+    """Resume run i until it finishes, through kills, a full disk and damaged checkpoints."""
+    import signal
+    import time
+    rng, name = random.Random(1000 + i), f"disk{i}"
+    subprocess.run(train_cmd(i, args, root, f"ref{i}", args.ckpt_every), capture_output=True, cwd=REPO)
+    run_dir, events, lost, finished = os.path.join(root, "ck", name), [], [], False
+    for segment in range(max_segments):
+        logged = max([0] + [l["step"] for l in metrics_of(root, name)])
+        cmd = train_cmd(i, args, root, name, args.ckpt_every) + ["--log-every", "1"] + (["--resume"] if segment else [])
+        fates = ["kill", "full"] if segment == 0 else ["kill", "kill", "full", "none"]  # a fault at least
+        fate = "none" if segment == max_segments - 1 else rng.choice(fates)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_disk_full if fate == "full" else None)
+        if fate in ("kill", "full"):
+            try:
+                proc.wait(timeout=rng.uniform(3, 3 + args.kill_window))
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate()
+        resumed = [l for l in err.splitlines() if l.startswith("resumed '")]
+        if resumed:
+            lost.append(logged - int(resumed[-1].rsplit(" ", 1)[1]))
+        events.append(fate if proc.returncode != -signal.SIGKILL else f"{fate}:killed")
+        if proc.returncode == 0 and test_acc_of(root, name) is not None:
+            finished = True
+            break
+        last = os.path.join(run_dir, "last.pt")
+        if os.path.exists(last) and rng.random() < 0.5:
+            events.append(f"last.pt {damage(last, rng)}")
+        time.sleep(0.1)
+    acc, ref = test_acc_of(root, name), test_acc_of(root, f"ref{i}")
+    return {"run": i, "events": ", ".join(events), "finished": finished, "lost": lost,
+            "test_acc": acc, "ref_acc": ref}
 
 
 def guard_cost(args):
@@ -113,12 +189,18 @@ def main():
     p.add_argument("--data-root", default="data", help="holds mnist/{train,test}.npz (default: %(default)s)")
     p.add_argument("--runs", type=int, default=20, help="number of runs, seeds 0..runs-1 (default: %(default)s)")
     p.add_argument("--steps", type=int, default=80, help="training steps per run (default: %(default)s)")
+    p.add_argument("--disk", action="store_true", help="the disk drill: kills, a full disk, damaged checkpoints")
+    p.add_argument("--ckpt-every", type=int, default=10, help="--disk: steps between checkpoints (default: %(default)s)")
+    p.add_argument("--kill-window", type=float, default=6.0,
+                   help="--disk: a kill falls 3 to 3 + this many seconds into a segment (default: %(default)s)")
     p.add_argument("--cost", action="store_true", help="instead, time healthy steps with and without the guard")
     p.add_argument("--rounds", type=int, default=10, help="--cost: timed rounds per side (default: %(default)s)")
     p.add_argument("--block", type=int, default=20, help="--cost: steps per round (default: %(default)s)")
     args = p.parse_args()
     if args.cost:
         return guard_cost(args)
+    if args.disk:
+        return disk_drill(args)
     with tempfile.TemporaryDirectory() as root:
         rows = []
         print("| run | injected faults | recovery events | triggers | finished | test acc |")
@@ -133,6 +215,26 @@ def main():
     print(f"\n{done} of {len(rows)} runs with injected faults recovered and finished "
           f"({sum(r['events'] for r in rows)} recovery events)")
     sys.exit(0 if done == len(rows) else 1)
+
+
+def disk_drill(args):
+    with tempfile.TemporaryDirectory() as root:
+        rows = []
+        print(f"{args.steps} steps per run, a checkpoint every {args.ckpt_every}\n")
+        print("| run | segments' fates and damage | finished | steps lost at each resume | test acc | undisturbed |")
+        print("|---|---|---|---|---|---|")
+        for i in range(args.runs):
+            r = disk_drill_run(i, args, root)
+            rows.append(r)
+            fmt = lambda a: "-" if a is None else f"{a:.4f}"  # noqa: E731
+            print(f"| {i} | {r['events']} | {r['finished']} | {' '.join(map(str, r['lost'])) or '-'} | "
+                  f"{fmt(r['test_acc'])} | {fmt(r['ref_acc'])} |", flush=True)
+    done = sum(r["finished"] for r in rows)
+    same = sum(r["test_acc"] == r["ref_acc"] for r in rows if r["finished"])
+    worst = max([l for r in rows for l in r["lost"]] or [0])
+    print(f"\n{done} of {len(rows)} runs finished; {same} with the undisturbed run's test accuracy; "
+          f"at most {worst} steps lost at a resume (2 x --ckpt-every = {2 * args.ckpt_every})")
+    sys.exit(0 if done == len(rows) and same == done and worst <= 2 * args.ckpt_every else 1)
 
 
 if __name__ == "__main__":

@@ -204,6 +204,7 @@ class ReplayBuffer:
             self.gaussians = fit_class_gaussians(self.init_data, self.init_labels, gaussian_rank,
                                                  self.init_transform)
         self.updates = 0
+        self._undo = None  # (idx, old chains, update count) per update since begin(); None: not kept
         slot_class = None
         if n_classes:
             slot_class = torch.arange(size, device=self.device) // (size // n_classes)
@@ -261,8 +262,21 @@ class ReplayBuffer:
         return x, idx
 
     def update(self, idx, x):
+        if self._undo is not None:
+            self._undo.append((idx, self.x[idx].clone(), self.updates))
         self.x[idx] = x.detach().to(self.device, memory_format=torch.contiguous_format)
         self.updates += 1
+
+    def begin(self):
+        """Keep what the next updates overwrite (a batch of chains each), until the next begin(),
+        so that undo() can take them back: a training step stopped half way leaves no trace."""
+        self._undo = []
+
+    def undo(self):
+        """Restore the chains and update count of the last begin(), newest update first."""
+        for idx, old, updates in reversed(self._undo or []):
+            self.x[idx], self.updates = old, updates
+        self._undo = []
 
     def state_dict(self):
         """The chains, their class layout, the update count and the fitted Gaussians (if any);

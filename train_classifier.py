@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import FORMAT_VERSION, save_atomic
+from checkpoint import FORMAT_VERSION, save_checkpoint
 from cli import UsageError, resolve_device, run
 from data import augment, dataset_info, load_split, to_float
 from models.judge import JudgeCNN
@@ -29,6 +29,10 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=128, help="images per training step (default: %(default)s)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak Adam learning rate of the one-cycle schedule "
                                                           "(default: %(default)s)")
+    p.add_argument("--noise", type=float, default=0.3,
+                   help="each training image gets Gaussian noise of a std drawn uniformly from [0, NOISE], "
+                        "so that noisy, textured samples are not judged by features clean digits never "
+                        "show (default: %(default)s)")
     p.add_argument("--width", type=int, default=32, help="channels of the first conv stage (default: %(default)s)")
     p.add_argument("--train-subset", type=int, help="train on this many random training images, for quick "
                                                     "tests (default: all)")
@@ -70,6 +74,8 @@ def main(argv=None):
 
     x, y, _ = load_split(args.dataset, "train", args.data_root)
     tx, ty, _ = load_split(args.dataset, "test", args.data_root)
+    if args.noise < 0:
+        raise UsageError("--noise must be >= 0")
     if args.train_subset is not None:
         if not 0 < args.train_subset <= len(x):
             raise UsageError(f"--train-subset must be in [1, {len(x)}]")
@@ -81,7 +87,7 @@ def main(argv=None):
     tx, ty = torch.from_numpy(tx.transpose(0, 3, 1, 2).copy()), torch.from_numpy(ty)
 
     config = {"arch": ARCH, "dataset": args.dataset, "width": args.width, "epochs": args.epochs,
-              "batch_size": args.batch_size, "lr": args.lr, "train_subset": args.train_subset,
+              "batch_size": args.batch_size, "lr": args.lr, "noise": args.noise, "train_subset": args.train_subset,
               "seed": args.seed}
     model = build_judge(config, info).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -97,6 +103,7 @@ def main(argv=None):
             idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
             # shifts of up to 2 px; flips only where the dataset allows them (never for digits)
             xb = augment(to_float(x[idx]), pad=2, flip=info.flip, sigma=0.0)
+            xb = xb + args.noise * torch.rand(len(xb), 1, 1, 1, device=device) * torch.randn_like(xb)
             loss = F.cross_entropy(model(xb), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -109,8 +116,8 @@ def main(argv=None):
     print(f"test accuracy: {100 * test_acc:.2f}% ({len(tx)} test images, "
           f"trained {time.time() - start:.0f} s)")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    save_atomic({"format_version": FORMAT_VERSION, "config": config,
-                 "model": model.state_dict(), "test_acc": test_acc}, out)
+    save_checkpoint({"format_version": FORMAT_VERSION, "config": config,
+                     "model": model.state_dict(), "test_acc": test_acc}, out)
     print(f"saved {out}")
 
 

@@ -9,6 +9,7 @@ where the log Z gradients of the last two come from SGLD samples started in a re
 Writes checkpoints/<run>/{last,best}.pt and metrics.jsonl, and sample grids to samples/<run>/.
 """
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -24,8 +25,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from checkpoint import (FORMAT_VERSION, CheckpointError, load_checkpoint, load_model_state,
-                        model_kwargs, save_atomic)
+from checkpoint import (FORMAT_VERSION, RESUMABLE, CheckpointError, load_model_state, load_resumable,
+                        model_kwargs, save_checkpoint)
 from cli import UsageError, run
 from data import augment, dataset_info, epoch_permutation, load_jem_data, to_float
 from distributed import (Ranks, barrier, check_buffer_split, gather_buffer, gather_objects,
@@ -180,11 +181,20 @@ def resolve_config(argv):
         if not args.run_name:
             raise UsageError("--resume needs --run-name")
         explicit = _explicit_flags(parser, argv)
-        path = os.path.join(args.ckpt_root, args.run_name, "last.pt")
-        if os.path.isdir(os.path.dirname(path)) and not os.path.exists(path):
+        run_dir = os.path.join(args.ckpt_root, args.run_name)
+        if os.path.isdir(run_dir) and not any(os.path.exists(os.path.join(run_dir, f)) for f in RESUMABLE):
             raise UsageError(f"run '{args.run_name}' stopped before its first checkpoint: nothing to "
                              "resume; run the same command without --resume to start it again")
-        ckpt = load_checkpoint(path)
+        if not os.path.isdir(run_dir):
+            raise CheckpointError(f"checkpoint '{os.path.join(run_dir, 'last.pt')}' does not exist")
+        ckpt, used, faults = load_resumable(run_dir)
+        path = os.path.join(run_dir, used)
+        if faults and os.environ.get("RANK", "0") == "0":
+            logged = last_logged_step(os.path.join(run_dir, "metrics.jsonl"))
+            for name, why in faults.items():
+                print(f"warning: {why}; set aside as {name}.damaged", file=sys.stderr)
+            lost = f", {logged - ckpt['step']} steps before the last one logged" if logged > ckpt["step"] else ""
+            print(f"resuming from {used} at step {ckpt['step']}{lost}", file=sys.stderr)
         config.update(ckpt["config"])  # parser defaults stay for flags newer than the checkpoint
         for key in ("arch", "depth", "widen", "width", "norm", "dataset"):
             if key in explicit and explicit[key] != config[key]:
@@ -376,12 +386,18 @@ def save_sample_grid(model, sampler, buffer, n_classes, shape, path, device, per
     save_image((x + 1) / 2, path, nrow=per_class)
 
 
+class StepInterrupted(BaseException):
+    """Ctrl-C / SIGTERM inside a step (a BaseException, as KeyboardInterrupt: no `except Exception`
+    on the way, in torch.compile say, may swallow it)."""
+
+
 class SignalFlag:
-    """First Ctrl-C / SIGTERM asks the loop to checkpoint and exit after the current step;
-    a second Ctrl-C aborts at once. A context manager: the old handlers come back on exit."""
+    """First Ctrl-C / SIGTERM asks the loop to checkpoint and exit: at once when it arrives inside
+    the part of a step that `within_step()` marks (the loop then takes the step back), else after
+    the current step. A second Ctrl-C aborts at once. The old handlers come back on exit."""
 
     def __enter__(self):
-        self.signum = None
+        self.signum, self.inside = None, False
         self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
         return self
 
@@ -389,12 +405,50 @@ class SignalFlag:
         for s, handler in self.old.items():
             signal.signal(s, handler)
 
+    @contextlib.contextmanager
+    def within_step(self, enabled=True):
+        self.inside = enabled
+        try:
+            if enabled and self.signum is not None:
+                raise StepInterrupted
+            yield
+        finally:
+            self.inside = False
+
     def _handle(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
+        if self.inside:
+            self.inside = False
+            print(f"\n{signal.Signals(signum).name}: stopping this step half way and saving the state "
+                  "before it (Ctrl-C again to abort)", file=sys.stderr)
+            raise StepInterrupted
         print(f"\n{signal.Signals(signum).name}: saving a resumable checkpoint after this step "
               "(Ctrl-C again to abort)", file=sys.stderr)
+
+
+def stopped_message(cfg, run_dir, step, written):
+    if written:
+        print(f"saved {os.path.join(run_dir, 'last.pt')} at step {step}; continue with "
+              f"--run-name {cfg.run_name} --resume", file=sys.stderr)
+    else:
+        print(f"error: the state of step {step} could not be written; --run-name {cfg.run_name} --resume "
+              "goes on from the last checkpoint written", file=sys.stderr)
+
+
+def last_logged_step(metrics_path):
+    """The highest step in a run's metrics.jsonl (0 if none): how far the run had got."""
+    if not os.path.exists(metrics_path):
+        return 0
+    steps = [0]
+    with open(metrics_path) as f:
+        for line in f:
+            try:
+                steps.append(json.loads(line)["step"])
+            except (ValueError, KeyError):  # a line cut by a crash
+                pass
+    return max(steps)
 
 
 def open_run_dirs(cfg, ranks=Ranks()):
@@ -402,7 +456,7 @@ def open_run_dirs(cfg, ranks=Ranks()):
     stopped before its first checkpoint has nothing to lose and may be."""
     run_dir = os.path.join(cfg.ckpt_root, cfg.run_name)
     sample_dir = os.path.join(cfg.samples_root, cfg.run_name)
-    saved = [f for f in ("last.pt", "best.pt") if os.path.exists(os.path.join(run_dir, f))]
+    saved = [f for f in RESUMABLE if os.path.exists(os.path.join(run_dir, f))]
     if not cfg.resume and saved:
         raise UsageError(f"run '{cfg.run_name}' already exists ({run_dir} holds {' and '.join(saved)}); "
                          "pass --resume to continue it or choose another --run-name")
@@ -569,19 +623,35 @@ def train(cfg, ckpt, ranks, device):
         return {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "buffer": buffer.state_dict()}
 
+    saved = {}  # file name -> step it holds, of this process's writes that succeeded
+
     def save(name):
         """One checkpoint of the whole run, every rank's buffer shard and RNG included, written by
-        rank 0. Every rank must call it."""
+        rank 0. Every rank must call it. last.pt's predecessor is kept as prev.pt, so a last.pt
+        damaged later costs one interval. A failed write (disk full) keeps the file before it and
+        training goes on: the state in memory is sound, and the next interval tries again.
+        Returns whether it was written."""
         shard = buffer.state_dict()
         whole = gather_buffer(ranks, shard["x"], n_classes)
         rngs = gather_objects(ranks, rng_state(device))
-        if ranks.main:
-            save_atomic({"format_version": FORMAT_VERSION, "config": vars(cfg), "step": step,
-                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "buffer": {**shard, "x": whole}, "rng": rngs[0], "rng_ranks": rngs,
-                         "world_size": ranks.world, "best_valid_acc": best_valid_acc,
-                         "elapsed_s": time.time() - t0, "recovery": guard.state_dict()},
-                        os.path.join(run_dir, name))
+        if not ranks.main:
+            return True
+        path = os.path.join(run_dir, name)
+        try:
+            save_checkpoint({"format_version": FORMAT_VERSION, "config": vars(cfg), "step": step,
+                             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "buffer": {**shard, "x": whole}, "rng": rngs[0], "rng_ranks": rngs,
+                             "world_size": ranks.world, "best_valid_acc": best_valid_acc,
+                             "elapsed_s": time.time() - t0, "recovery": guard.state_dict()},
+                            path, rotate_to=os.path.join(run_dir, "prev.pt") if name == "last.pt" else None)
+        except OSError as e:
+            kept = f"step {saved[name]}" if name in saved else "what it held before this run segment"
+            tqdm.write(f"warning: could not write {path} at step {step} ({e.strerror or e}); it still "
+                       f"holds {kept}; training goes on and tries again at the next checkpoint",
+                       file=sys.stderr)
+            return False
+        saved[name] = step
+        return True
 
     def log(record):
         if ranks.main:
@@ -641,10 +711,14 @@ def train(cfg, ckpt, ranks, device):
             print(f"run '{cfg.run_name}' already finished at step {step} (test accuracy "
                   f"{finished['test_acc']:.4f}); nothing to do: raise --epochs or --max-iters to train on")
         return
+    # a slow step (minutes for WRN-28-10 on a CPU) stops half way on a signal; not under torchrun,
+    # where every rank must agree at the step's end, nor inside a CUDA-graph capture
+    stop_within_step = not ranks.enabled and not (cfg.cuda_graph and device.type == "cuda")
     model.train()
     switch_on = min(cfg.pretrain_epochs * iters_per_epoch, total)
     bar = phase_bar(cfg, step, switch_on, total, disable=not ranks.main)
     energy_phase_bar = step >= switch_on
+    written = True  # whether the last write of last.pt succeeded
     with SignalFlag() as signals:
         while step < total:
             epoch = step // iters_per_epoch
@@ -658,16 +732,29 @@ def train(cfg, ckpt, ranks, device):
             fault = guard.inject(step, model, optimizer)
             if fault:
                 log({"step": step, "kind": "fault", "fault": fault})
-            loss, metrics, samples = jem_loss(net, sampler, buffer, cfg, batch,
-                                              energy_on=epoch >= cfg.pretrain_epochs)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-            signalled = loss.new_tensor(float(signals.signum is not None))
-            # the one host sync per step reads every health signal of every rank, and whether any
-            # rank got Ctrl-C / SIGTERM, before the update is applied: all ranks decide alike
-            *health, stop = health_across_ranks(
-                ranks, torch.stack([*guard.health_stats(loss, metrics, grad_norm), signalled])).tolist()
+            if stop_within_step:
+                rng_before = rng_state(device)
+                buffer.begin()
+            try:
+                with signals.within_step(stop_within_step):
+                    loss, metrics, samples = jem_loss(net, sampler, buffer, cfg, batch,
+                                                      energy_on=epoch >= cfg.pretrain_epochs)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()
+                                                               if p.grad is not None])
+                    signalled = loss.new_tensor(float(signals.signum is not None))
+                    # the one host sync per step reads every health signal of every rank, and whether
+                    # any rank got Ctrl-C / SIGTERM, before the update is applied: all ranks decide alike
+                    *health, stop = health_across_ranks(
+                        ranks, torch.stack([*guard.health_stats(loss, metrics, grad_norm), signalled])).tolist()
+            except StepInterrupted:  # back to the state before this step: a resume repeats it exactly
+                buffer.undo()
+                set_rng_state(rng_before, device)
+                written = save("last.pt")
+                bar.close()
+                stopped_message(cfg, run_dir, step, written)
+                sys.exit(128 + signals.signum)
             diverged = guard.check(health)
             if diverged:
                 roll_back(*diverged, samples)
@@ -698,15 +785,14 @@ def train(cfg, ckpt, ranks, device):
                     best_valid_acc = -1.0 if acc is None else acc
                     save("best.pt")
             if step % cfg.ckpt_every == 0 or step == total or stop:
-                save("last.pt")
+                written = save("last.pt")
             if ranks.main and cfg.sample_every and (step % cfg.sample_every == 0 or step == total):
                 save_sample_grid(model, sampler, buffer, info.n_classes, shape,
                                  os.path.join(sample_dir, f"step_{step:07d}.png"), device)
             if stop:
                 bar.close()
                 if ranks.main:
-                    print(f"saved {os.path.join(run_dir, 'last.pt')} at step {step}; continue with "
-                          f"--run-name {cfg.run_name} --resume", file=sys.stderr)
+                    stopped_message(cfg, run_dir, step, written)
                 sys.exit(128 + (signals.signum or signal.SIGTERM))
     bar.close()
     summary = guard.summary(finished=True)
@@ -721,6 +807,10 @@ def train(cfg, ckpt, ranks, device):
     if ranks.main:
         print(f"test accuracy {test_acc:.4f} (nll {test_nll:.4f}) after {step} steps; "
               f"checkpoints in {run_dir}, samples in {sample_dir}")
+        if not written:
+            raise SystemExit(f"error: the final state (step {step}) could not be written to "
+                             f"{os.path.join(run_dir, 'last.pt')}; free some space and run the same "
+                             "command with --resume: it goes on from the last checkpoint written")
 
 
 if __name__ == "__main__":

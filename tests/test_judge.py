@@ -112,3 +112,23 @@ def test_training_refuses_to_overwrite(mnist_root, tmp_path):
     proc = script("train_classifier.py", "--data-root", mnist_root, "--out", out)
     assert_one_line_error(proc)
     assert "--force" in proc.stderr and out.read_bytes() == b"keep me"
+
+
+def test_a_judge_trained_with_noise_reads_noisy_digits_that_a_clean_one_misses(judge, mnist_root, tmp_path):
+    """--noise (default 0.3): noisy, grainy samples are judged by the digit in them, not by the
+    texture a judge trained on clean digits never saw."""
+    clean_judge = tmp_path / "clean.pt"
+    proc = script("train_classifier.py", "--data-root", mnist_root, "--train-subset", 1200, "--epochs", 2,
+                  "--batch-size", 64, "--device", "cpu", "--noise", 0, "--out", clean_judge)
+    assert proc.returncode == 0, proc.stderr
+    assert load_checkpoint(str(judge))["config"]["noise"] == 0.3
+    with np.load(os.path.join(mnist_root, "mnist", "test.npz")) as f:
+        x = torch.from_numpy(f["x"]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        y = torch.from_numpy(f["y"])
+    noisy = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+
+    def acc(path, images):
+        with torch.no_grad():
+            return (load_judge(str(path), "cpu")(images).argmax(1) == y).float().mean().item()
+    assert acc(judge, noisy) > acc(clean_judge, noisy) + 0.1, (acc(judge, noisy), acc(clean_judge, noisy))
+    assert acc(judge, x) > 0.8  # and clean digits as well as before

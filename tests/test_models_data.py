@@ -81,3 +81,45 @@ def test_epoch_permutation_is_reproducible():
     epoch_permutation(100, 1, 4, torch.device("cpu"))
     assert torch.equal(a, epoch_permutation(100, 1, 3, torch.device("cpu")))
     assert not torch.equal(a, epoch_permutation(100, 2, 3, torch.device("cpu")))
+
+
+def _write(path, **arrays):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("truncated", "truncated or damaged"),
+    ("not a zip", "truncated or damaged"),
+    ("no labels", "lacks the array(s) y"),
+    ("float images", "x has dtype float32"),
+    ("channels last missing", "x has shape (1200, 28, 28)"),
+    ("wrong size", "x has shape (1200, 32, 32, 1)"),
+    ("float labels", "y has dtype float64"),
+    ("fewer labels", "y has shape (1199,) for 1200 images"),
+    ("label 10", "labels run from 0 to 10"),
+    ("negative label", "labels run from -1 to 9"),
+    ("class names", "9 class names for the 10 classes"),
+    ("empty", "holds no images"),
+])
+def test_every_damaged_data_file_is_one_clear_line_naming_it(data_root, tmp_path, fault, message):
+    with np.load(f"{data_root}/mnist/train.npz") as f:
+        x, y, classes = f["x"], f["y"], f["classes"]
+    path = tmp_path / "mnist" / "train.npz"
+    good = dict(x=x, y=y, classes=classes)
+    arrays = {"no labels": dict(x=x, classes=classes), "float images": {**good, "x": x.astype(np.float32)},
+              "channels last missing": {**good, "x": x[..., 0]},
+              "wrong size": {**good, "x": np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))},
+              "float labels": {**good, "y": y.astype(np.float64)}, "fewer labels": {**good, "y": y[:-1]},
+              "label 10": {**good, "y": np.where(y == 9, 10, y)},
+              "negative label": {**good, "y": np.where(y == 0, -1, y)},
+              "class names": {**good, "classes": classes[:9]},
+              "empty": dict(x=x[:0], y=y[:0], classes=classes)}.get(fault, good)
+    _write(path, **arrays)
+    if fault == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    if fault == "not a zip":
+        path.write_bytes(b"x,y\n1,2\n")
+    with pytest.raises(DataError) as e:
+        load_jem_data("mnist", str(tmp_path), "cpu", n_valid=100)
+    assert str(path) in str(e.value) and message in str(e.value), str(e.value)

@@ -132,3 +132,16 @@ def test_buffer_data_reinit_applies_the_transform():
     assert torch.allclose(buf.x, torch.full_like(buf.x, -0.75))      # the initial fill too
     x, _ = buf.sample(5)
     assert torch.allclose(x, torch.full_like(x, -0.75))
+
+
+def test_buffer_undo_takes_back_the_updates_since_begin():
+    buffer = ReplayBuffer(40, (1, 4, 4), n_classes=4)
+    buffer.update(*reversed(buffer.sample(8)))  # an update before begin() stays
+    before, count = buffer.x.clone(), buffer.updates
+    buffer.begin()
+    for y in (None, torch.tensor([0, 1, 1, 3])):
+        x0, idx = buffer.sample(4, y)
+        buffer.update(idx, x0 + 1)
+    assert not torch.equal(buffer.x, before) and buffer.updates == count + 2
+    buffer.undo()
+    assert torch.equal(buffer.x, before) and buffer.updates == count

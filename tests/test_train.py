@@ -11,7 +11,7 @@ import torch
 
 import train_jem
 from checkpoint import (FORMAT_VERSION, CheckpointError, load_checkpoint, model_from_checkpoint,
-                        model_kwargs, save_atomic)
+                        model_kwargs, save_atomic, save_checkpoint)
 from data import dataset_info, load_jem_data
 from conftest import REPO, local_mnist_mirror, run_script, tiny_run_args
 
@@ -241,3 +241,107 @@ def test_silu_model_trains_and_replays_from_its_checkpoint(data_root, tmp_path):
     assert not any(isinstance(m, torch.nn.LeakyReLU) for m in model.modules())
     old_config = {k: v for k, v in ckpt["config"].items() if k != "activation"}  # before the flag
     assert model_kwargs(old_config, dataset_info("mnist"))["activation"] == "leaky_relu"
+
+
+def test_sigterm_inside_a_slow_step_stops_at_once_and_resumes_exactly(data_root, tmp_path):
+    """A step of thousands of SGLD steps (as WRN-28-10 on a CPU: minutes) is stopped half way: the
+    run saves the state before that step, and resuming it gives the uninterrupted run bit for bit."""
+    slow = ["--n-steps", 200, "--ckpt-every", 1, "--eval-every", 100000, "--log-every", 1]
+    args = tiny_run_args(data_root, tmp_path, "slow", *slow)
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train_jem.py"), *args],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "ck" / "slow" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline:  # step 1 done, step 2 under way
+        time.sleep(0.05)
+    time.sleep(0.5)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    waited = time.time() - sent
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "half way" in err
+    step_time = json.loads(open(tmp_path / "ck" / "slow" / "metrics.jsonl").readline())["elapsed_s"]
+    assert load_checkpoint(str(last))["step"] == 1
+    assert waited < step_time, (waited, step_time)  # not the end of the step
+    r = run_script("train_jem.py", "--run-name", "slow", "--resume", "--ckpt-root", tmp_path / "ck",
+                   "--max-iters", 2)
+    assert r.returncode == 0, r.stderr
+    train_jem.main(tiny_run_args(data_root, tmp_path, "straight", *slow, "--max-iters", 2))
+    assert_same_state(load_checkpoint(str(tmp_path / "ck" / "straight" / "last.pt")), load_checkpoint(str(last)))
+
+
+def flip_bytes(path, n=64, seed=0):
+    """A bad sector: n random bytes of the file's second half overwritten."""
+    data = bytearray(path.read_bytes())
+    g = torch.Generator().manual_seed(seed)
+    for i in torch.randint(len(data) // 2, len(data) - 1024, (n,), generator=g).tolist():
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["bytes", "truncate"])
+def test_a_damaged_last_pt_costs_one_interval_not_the_run(data_root, tmp_path, damage, capsys):
+    train_jem.main(tiny_run_args(data_root, tmp_path, "straight", "--max-iters", 14))
+    train_jem.main(tiny_run_args(data_root, tmp_path, "hurt", "--max-iters", 12))  # last.pt 12, prev.pt 10
+    run_dir = tmp_path / "ck" / "hurt"
+    assert load_checkpoint(str(run_dir / "prev.pt"))["step"] == 10
+    last = run_dir / "last.pt"
+    if damage == "bytes":
+        flip_bytes(last)
+    else:
+        last.write_bytes(last.read_bytes()[:last.stat().st_size // 3])
+    capsys.readouterr()
+    train_jem.main(["--run-name", "hurt", "--resume", "--ckpt-root", str(tmp_path / "ck"), "--max-iters", "14"])
+    err = capsys.readouterr().err
+    assert "resuming from prev.pt at step 10, 2 steps before the last one logged" in err, err
+    assert "damaged" in err and (run_dir / "last.pt.damaged").exists()
+    assert_same_state(load_checkpoint(str(tmp_path / "ck" / "straight" / "last.pt")), load_checkpoint(str(last)))
+
+
+def test_the_checksum_catches_a_checkpoint_that_loads_but_holds_other_numbers(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint({"format_version": FORMAT_VERSION, "config": {}, "step": 3,
+                     "model": {"w": torch.arange(6.0)}}, str(path))
+    assert load_checkpoint(str(path))["step"] == 3
+    raw = torch.load(path, weights_only=True)
+    raw["model"]["w"][2] = 2.5  # one number changed, the stored checksum kept
+    torch.save(raw, path)
+    with pytest.raises(CheckpointError, match="do not match the checksum"):
+        load_checkpoint(str(path))
+
+
+def test_resume_refuses_in_one_line_when_no_checkpoint_verifies(data_root, tmp_path):
+    train_jem.main(tiny_run_args(data_root, tmp_path, "gone", "--max-iters", 6))
+    for name in ("last.pt", "prev.pt", "best.pt"):
+        path = tmp_path / "ck" / "gone" / name
+        if path.exists():
+            path.write_bytes(path.read_bytes()[:100])
+    r = run_script("train_jem.py", "--run-name", "gone", "--resume", "--ckpt-root", tmp_path / "ck")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: nothing to resume"), r.stderr
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_training_goes_on(data_root, tmp_path, monkeypatch, capsys):
+    """The write at step 10 hits ENOSPC half way: no temp file is left, last.pt still holds step 5,
+    the run trains on, and the write at step 15 succeeds; when the final write fails, the run ends
+    with status != 0 and says where to go on from."""
+    import errno
+    import checkpoint
+    real_save = torch.save
+
+    def save(obj, f, *a, **k):
+        if obj.get("step") == 10:
+            f.write(b"PK\x03\x04" + bytes(1000))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    train_jem.main(tiny_run_args(data_root, tmp_path, "full", "--max-iters", 15, "--eval-every", 100))
+    err = capsys.readouterr().err
+    assert err.count("No space left on device") == 1 and "still holds step 5" in err, err
+    run_dir = tmp_path / "ck" / "full"
+    assert not [p for p in os.listdir(run_dir) if p.startswith(".tmp")]
+    assert load_checkpoint(str(run_dir / "last.pt"))["step"] == 15
+    with pytest.raises(SystemExit, match="could not be written"):
+        train_jem.main(tiny_run_args(data_root, tmp_path, "fullend", "--max-iters", 10, "--eval-every", 100))
+    assert load_checkpoint(str(tmp_path / "ck" / "fullend" / "last.pt"))["step"] == 5
