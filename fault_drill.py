@@ -4,6 +4,7 @@ And what does the guard cost a healthy step?
     python fault_drill.py --data-root ../shared/data --runs 20          # divergences
     python fault_drill.py --data-root ../shared/data --runs 20 --disk   # kills and damaged checkpoints
     python fault_drill.py --data-root ../shared/data --cost             # healthy steps, guard on vs off
+    python fault_drill.py --checkpoint-cost                             # checksums and rotation: cost
 
 Each run trains a small ResNet JEM on 2,000 real MNIST images for --steps steps, seeded by the run
 index. Divergence drill: one to three faults (a NaN in a weight, or a 10^4 x learning-rate spike) at
@@ -184,6 +185,63 @@ def guard_cost(args):
     print(f"\nratio guard on / off: {on / off:.3f}")
 
 
+def checkpoint_cost(args):
+    """Write and read times of a checkpoint of the mnist-cpu preset's size (model, Adam state,
+    10,000-chain buffer), plain (before checksums and rotation) against checksummed and rotated,
+    in alternating rounds; and the disk a run's checkpoints take."""
+    import statistics
+    import time
+
+    import torch
+
+    import train_jem
+    from checkpoint import FORMAT_VERSION, checksum, load_checkpoint, model_kwargs, save_atomic, save_checkpoint
+    from data import dataset_info
+    from models import build_model
+
+    cfg, _ = train_jem.resolve_config(["--preset", "mnist-cpu", "--device", "cpu"])
+    info = dataset_info(cfg.dataset)
+    torch.manual_seed(0)
+    model = build_model(**model_kwargs(vars(cfg), info))
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 1, 28, 28)).sum().backward()
+    optimizer.step()  # Adam's moments exist, as in a checkpoint of a running job
+    state = {"format_version": FORMAT_VERSION, "config": vars(cfg), "step": 1, "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "buffer": {"x": torch.rand(cfg.buffer_size, 1, 28, 28),
+                                                               "n_classes": 10, "updates": 1}}
+    times = {k: [] for k in ("plain write", "verified write", "plain read", "verified read", "checksum")}
+    with tempfile.TemporaryDirectory() as d:
+        last, prev = os.path.join(d, "last.pt"), os.path.join(d, "prev.pt")
+        for r in range(args.rounds + 1):
+            for verified in (False, True) if r % 2 else (True, False):
+                t = time.perf_counter()
+                if verified:
+                    save_checkpoint(state, last, rotate_to=prev)
+                else:
+                    save_atomic(state, last)
+                write = time.perf_counter() - t
+                t = time.perf_counter()
+                if verified:
+                    load_checkpoint(last)
+                else:
+                    torch.load(last, weights_only=True)
+                read = time.perf_counter() - t
+                if r > 0:
+                    kind = "verified" if verified else "plain"
+                    times[f"{kind} write"].append(write)
+                    times[f"{kind} read"].append(read)
+            t = time.perf_counter()
+            checksum(state)
+            times["checksum"].append(time.perf_counter() - t)
+        size = os.path.getsize(last)
+    print(f"mnist-cpu checkpoint ({size / 2**20:.1f} MiB), {args.rounds} rounds per side\n")
+    print("| | median s | min | max |\n|---|---|---|---|")
+    for k, v in times.items():
+        print(f"| {k} | {statistics.median(v):.4f} | {min(v):.4f} | {max(v):.4f} |")
+    print(f"\ndisk per run: {2 * size / 2**20:.1f} MiB before (last.pt, best.pt), "
+          f"{3 * size / 2**20:.1f} MiB now (last.pt, prev.pt, best.pt)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default="data", help="holds mnist/{train,test}.npz (default: %(default)s)")
@@ -194,11 +252,15 @@ def main():
     p.add_argument("--kill-window", type=float, default=6.0,
                    help="--disk: a kill falls 3 to 3 + this many seconds into a segment (default: %(default)s)")
     p.add_argument("--cost", action="store_true", help="instead, time healthy steps with and without the guard")
+    p.add_argument("--checkpoint-cost", action="store_true",
+                   help="instead, time checkpoint writes and reads with and without checksum and rotation")
     p.add_argument("--rounds", type=int, default=10, help="--cost: timed rounds per side (default: %(default)s)")
     p.add_argument("--block", type=int, default=20, help="--cost: steps per round (default: %(default)s)")
     args = p.parse_args()
     if args.cost:
         return guard_cost(args)
+    if args.checkpoint_cost:
+        return checkpoint_cost(args)
     if args.disk:
         return disk_drill(args)
     with tempfile.TemporaryDirectory() as root:
