@@ -95,7 +95,11 @@ def disk_drill_run(i, args, root, max_segments=12):
     run_dir, events, lost, finished = os.path.join(root, "ck", name), [], [], False
     for segment in range(max_segments):
         logged = max([0] + [l["step"] for l in metrics_of(root, name)])
-        cmd = train_cmd(i, args, root, name, args.ckpt_every) + ["--log-every", "1"] + (["--resume"] if segment else [])
+        # as a user would: --resume when a checkpoint exists, else the same command again
+        resume = any(os.path.exists(os.path.join(run_dir, f)) for f in ("last.pt", "prev.pt", "best.pt"))
+        cmd = train_cmd(i, args, root, name, args.ckpt_every) + ["--log-every", "1"] + (["--resume"] if resume else [])
+        if segment and not resume:
+            lost.append(logged)  # no checkpoint to go on from: the run starts again
         fates = ["kill", "full"] if segment == 0 else ["kill", "kill", "full", "none"]  # a fault at least
         fate = "none" if segment == max_segments - 1 else rng.choice(fates)
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -109,7 +113,8 @@ def disk_drill_run(i, args, root, max_segments=12):
         resumed = [l for l in err.splitlines() if l.startswith("resumed '")]
         if resumed:
             lost.append(logged - int(resumed[-1].rsplit(" ", 1)[1]))
-        events.append(fate if proc.returncode != -signal.SIGKILL else f"{fate}:killed")
+        events.append(f"{fate}:killed" if proc.returncode == -signal.SIGKILL else
+                      fate if proc.returncode == 0 else f"{fate}:exit {proc.returncode}")
         if proc.returncode == 0 and test_acc_of(root, name) is not None:
             finished = True
             break
