@@ -59,7 +59,10 @@ def save_atomic(obj, path, rotate_to=None):
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as e:  # torch's zip writer hides a failed write behind its own error
+                raise _os_error_behind(e) or e
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
@@ -70,6 +73,13 @@ def save_atomic(obj, path, rotate_to=None):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _os_error_behind(e):
+    """The OSError (disk full, file too large, I/O error) an exception was raised while handling."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__context__
+    return e
 
 
 def save_checkpoint(ckpt, path, rotate_to=None):

@@ -645,10 +645,11 @@ def train(cfg, ckpt, ranks, device):
                              "elapsed_s": time.time() - t0, "recovery": guard.state_dict()},
                             path, rotate_to=os.path.join(run_dir, "prev.pt") if name == "last.pt" else None)
         except OSError as e:
-            kept = f"step {saved[name]}" if name in saved else "what it held before this run segment"
-            tqdm.write(f"warning: could not write {path} at step {step} ({e.strerror or e}); it still "
-                       f"holds {kept}; training goes on and tries again at the next checkpoint",
-                       file=sys.stderr)
+            kept = (f"{path} still holds step {saved[name]}" if name in saved else
+                    f"{path} still holds what it held before" if os.path.exists(path) else
+                    "no checkpoint is written yet")
+            tqdm.write(f"warning: could not write {path} at step {step} ({e.strerror or e}); {kept}; "
+                       "training goes on and tries again at the next checkpoint", file=sys.stderr)
             return False
         saved[name] = step
         return True

@@ -330,11 +330,21 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_training_goes_on(data_root, t
     import checkpoint
     real_save = torch.save
 
-    def save(obj, f, *a, **k):
-        if obj.get("step") == 10:
-            f.write(b"PK\x03\x04" + bytes(1000))
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *a, **k)
+    class FullDisk:  # a file on a disk with 1,000 bytes left
+        def __init__(self, f):
+            self.f, self.left = f, 1000
+
+        def write(self, b):
+            if len(b) > self.left:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.left -= len(b)
+            return self.f.write(b)
+
+        def flush(self):
+            self.f.flush()
+
+    def save(obj, f, *a, **k):  # torch's own writer meets the full disk
+        return real_save(obj, FullDisk(f) if obj.get("step") == 10 else f, *a, **k)
     monkeypatch.setattr(checkpoint.torch, "save", save)
     train_jem.main(tiny_run_args(data_root, tmp_path, "full", "--max-iters", 15, "--eval-every", 100))
     err = capsys.readouterr().err
