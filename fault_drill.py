@@ -98,8 +98,10 @@ def disk_drill_run(i, args, root, max_segments=12):
         # as a user would: --resume when a checkpoint exists, else the same command again
         resume = any(os.path.exists(os.path.join(run_dir, f)) for f in ("last.pt", "prev.pt", "best.pt"))
         cmd = train_cmd(i, args, root, name, args.ckpt_every) + ["--log-every", "1"] + (["--resume"] if resume else [])
+        fates_so_far = [e for e in events if not e.startswith("last.pt")]
+        after_full = bool(fates_so_far) and fates_so_far[-1].startswith("full")
         if segment and not resume:
-            lost.append(logged)  # no checkpoint to go on from: the run starts again
+            lost.append((logged, after_full))  # no checkpoint to go on from: the run starts again
         fates = ["kill", "full"] if segment == 0 else ["kill", "kill", "full", "none"]  # a fault at least
         fate = "none" if segment == max_segments - 1 else rng.choice(fates)
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -112,7 +114,7 @@ def disk_drill_run(i, args, root, max_segments=12):
         _, err = proc.communicate()
         resumed = [l for l in err.splitlines() if l.startswith("resumed '")]
         if resumed:
-            lost.append(logged - int(resumed[-1].rsplit(" ", 1)[1]))
+            lost.append((logged - int(resumed[-1].rsplit(" ", 1)[1]), after_full))
         events.append(f"{fate}:killed" if proc.returncode == -signal.SIGKILL else
                       fate if proc.returncode == 0 else f"{fate}:exit {proc.returncode}")
         if proc.returncode == 0 and test_acc_of(root, name) is not None:
@@ -294,13 +296,16 @@ def disk_drill(args):
             r = disk_drill_run(i, args, root)
             rows.append(r)
             fmt = lambda a: "-" if a is None else f"{a:.4f}"  # noqa: E731
-            print(f"| {i} | {r['events']} | {r['finished']} | {' '.join(map(str, r['lost'])) or '-'} | "
+            lost = " ".join(f"{n}*" if full else str(n) for n, full in r["lost"]) or "-"
+            print(f"| {i} | {r['events']} | {r['finished']} | {lost} | "
                   f"{fmt(r['test_acc'])} | {fmt(r['ref_acc'])} |", flush=True)
     done = sum(r["finished"] for r in rows)
     same = sum(r["test_acc"] == r["ref_acc"] for r in rows if r["finished"])
-    worst = max([l for r in rows for l in r["lost"]] or [0])
+    worst = max([n for r in rows for n, full in r["lost"] if not full] or [0])
     print(f"\n{done} of {len(rows)} runs finished; {same} with the undisturbed run's test accuracy; "
-          f"at most {worst} steps lost at a resume (2 x --ckpt-every = {2 * args.ckpt_every})")
+          f"at most {worst} steps lost at a resume after a kill or damage (2 x --ckpt-every = "
+          f"{2 * args.ckpt_every}); * after a segment under a full disk, where every step since the "
+          "last checkpoint written before it is lost")
     sys.exit(0 if done == len(rows) and same == done and worst <= 2 * args.ckpt_every else 1)
 
 
