@@ -92,14 +92,15 @@ def disk_drill_run(i, args, root, max_segments=12):
     import time
     rng, name = random.Random(1000 + i), f"disk{i}"
     subprocess.run(train_cmd(i, args, root, f"ref{i}", args.ckpt_every), capture_output=True, cwd=REPO)
-    run_dir, events, lost, finished = os.path.join(root, "ck", name), [], [], False
+    run_dir, events, lost, finished, full_pending = os.path.join(root, "ck", name), [], [], False, False
     for segment in range(max_segments):
         logged = max([0] + [l["step"] for l in metrics_of(root, name)])
         # as a user would: --resume when a checkpoint exists, else the same command again
         resume = any(os.path.exists(os.path.join(run_dir, f)) for f in ("last.pt", "prev.pt", "best.pt"))
         cmd = train_cmd(i, args, root, name, args.ckpt_every) + ["--log-every", "1"] + (["--resume"] if resume else [])
-        fates_so_far = [e for e in events if not e.startswith("last.pt")]
-        after_full = bool(fates_so_far) and fates_so_far[-1].startswith("full")
+        # a full disk's loss shows at the next resume that gets going: a segment killed in start-up,
+        # before it resumed, passes it on
+        after_full = full_pending
         if segment and not resume:
             lost.append((logged, after_full))  # no checkpoint to go on from: the run starts again
         fates = ["kill", "full"] if segment == 0 else ["kill", "kill", "full", "none"]  # a fault at least
@@ -115,6 +116,9 @@ def disk_drill_run(i, args, root, max_segments=12):
         resumed = [l for l in err.splitlines() if l.startswith("resumed '")]
         if resumed:
             lost.append((logged - int(resumed[-1].rsplit(" ", 1)[1]), after_full))
+        if resumed or not resume:
+            full_pending = False  # this segment went on from a checkpoint (or from scratch)
+        full_pending = full_pending or fate == "full"
         events.append(f"{fate}:killed" if proc.returncode == -signal.SIGKILL else
                       fate if proc.returncode == 0 else f"{fate}:exit {proc.returncode}")
         if proc.returncode == 0 and test_acc_of(root, name) is not None:
