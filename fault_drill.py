@@ -90,13 +90,16 @@ def disk_drill_run(i, args, root, max_segments=12):
     """Resume run i until it finishes, through kills, a full disk and damaged checkpoints."""
     import signal
     import time
+
+    from checkpoint import RESUMABLE
+    from train_jem import last_logged_step
     rng, name = random.Random(1000 + i), f"disk{i}"
     subprocess.run(train_cmd(i, args, root, f"ref{i}", args.ckpt_every), capture_output=True, cwd=REPO)
     run_dir, events, lost, finished, full_pending = os.path.join(root, "ck", name), [], [], False, False
     for segment in range(max_segments):
-        logged = max([0] + [l["step"] for l in metrics_of(root, name)])
+        logged = last_logged_step(os.path.join(run_dir, "metrics.jsonl"))
         # as a user would: --resume when a checkpoint exists, else the same command again
-        resume = any(os.path.exists(os.path.join(run_dir, f)) for f in ("last.pt", "prev.pt", "best.pt"))
+        resume = any(os.path.exists(os.path.join(run_dir, f)) for f in RESUMABLE)
         cmd = train_cmd(i, args, root, name, args.ckpt_every) + ["--log-every", "1"] + (["--resume"] if resume else [])
         # a full disk's loss shows at the next resume that gets going: a segment killed in start-up,
         # before it resumed, passes it on
