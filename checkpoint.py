@@ -11,7 +11,9 @@ import zlib
 
 import torch
 
+from data import dataset_info
 from models import build_model
+from models.judge import JUDGE_ARCH, build_judge
 
 FORMAT_VERSION = 1
 
@@ -188,3 +190,14 @@ def model_from_checkpoint(ckpt, info, device, path="checkpoint"):
     model = build_model(**model_kwargs(ckpt["config"], info)).to(device)
     load_model_state(model, ckpt["model"], path)
     return model
+
+
+def load_judge(path, device):
+    """The judge classifier (tools/train_classifier.py) in a checkpoint, in eval mode."""
+    ckpt = load_checkpoint(path)
+    config = ckpt["config"]
+    if config.get("arch") != JUDGE_ARCH:
+        raise CheckpointError(f"'{path}' is not a judge checkpoint written by tools/train_classifier.py")
+    model = build_judge(config, dataset_info(config["dataset"])).to(device)
+    load_model_state(model, ckpt["model"], path)
+    return model.eval()

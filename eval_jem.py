@@ -15,7 +15,7 @@ Give a JEM checkpoint and its plain-classifier baseline (the same script with --
                SGLD-refinement defence (attacked through it with BPDA); robust-accuracy curves
   samples      FID and Inception Score of fresh class-conditional SGLD samples and of the saved
                replay buffer (labelled as such), with the penultimate features / predictions of a
-               judge classifier (train_classifier.py); standard Inception FID and KID (inception.py)
+               judge classifier (tools/train_classifier.py); standard Inception FID and KID (inception.py)
 
 Writes OUT/<mode>.json (the protocol and one entry per checkpoint) and OUT/<mode>*.png, where OUT
 defaults to a `results` folder next to the first checkpoint. Pixels are in [-1, 1] inside the
@@ -38,7 +38,7 @@ from torchvision.utils import save_image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import metrics  # noqa: E402
-from checkpoint import load_checkpoint, model_from_checkpoint, sgld_step_rule  # noqa: E402
+from checkpoint import load_checkpoint, load_judge, model_from_checkpoint, sgld_step_rule  # noqa: E402
 from cli import UsageError, resolve_device, run  # noqa: E402
 from data import DATASETS, DataError, dataset_info, load_split, to_float, to_uint8  # noqa: E402
 from inception import InceptionFeatures, inception_features, inception_scores  # noqa: E402
@@ -93,7 +93,7 @@ def build_parser():
     g.add_argument("--n-robust", type=int, default=500, help="test images attacked (default: %(default)s)")
     g.add_argument("--no-defence", action="store_true", help="skip the SGLD-refinement defence (default: run it)")
     g = p.add_argument_group("samples")
-    g.add_argument("--judge", help="judge checkpoint of train_classifier.py on the same dataset, for FID "
+    g.add_argument("--judge", help="judge checkpoint of tools/train_classifier.py on the same dataset, for FID "
                                    "features, IS and sample accuracy (default: checkpoints/judge-<dataset>.pt)")
     g.add_argument("--n-samples", type=int, default=1000, help="fresh samples, as many real test images and "
                                                               "buffer images (default: %(default)s)")
@@ -428,12 +428,11 @@ def judge_path_for(args, dataset):
     path = args.judge or os.path.join("checkpoints", f"judge-{dataset}.pt")
     if not os.path.isfile(path):
         raise UsageError(f"samples mode needs a judge classifier; '{path}' does not exist (train it: "
-                         f"python train_classifier.py --dataset {dataset} --out {path})")
+                         f"python -m tools.train_classifier --dataset {dataset} --out {path})")
     return path
 
 
 def load_judge_for(path, dataset, device):
-    from score_samples import load_judge  # the judge format lives with its scorer
     judge = load_judge(path, device)
     judge_dataset = load_checkpoint(path)["config"]["dataset"]
     if judge_dataset != dataset:

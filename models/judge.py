@@ -6,6 +6,8 @@ merely one that exploits the same features the generator was trained with.
 """
 import torch.nn as nn
 
+JUDGE_ARCH = "judge-cnn"  # a judge checkpoint's config["arch"], so that scorers can refuse JEM checkpoints
+
 
 def _stage(c_in, c_out):
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),  # BN supplies the bias
@@ -30,3 +32,8 @@ class JudgeCNN(nn.Module):
 
     def forward(self, x):
         return self.head(self.features(x))
+
+
+def build_judge(config, info):
+    """The network a judge checkpoint's config describes."""
+    return JudgeCNN(info.channels, info.n_classes, info.image_size, width=config["width"])

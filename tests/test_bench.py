@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-import bench
+from tools import bench
 
 TINY = ["--", "--dataset", "mnist", "--arch", "resnet", "--width", "4", "--batch-size", "8",
         "--n-steps", "2", "--buffer-size", "100", "--px-weight", "1", "--pxy-weight", "1", "--clamp"]

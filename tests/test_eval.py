@@ -16,7 +16,7 @@ from conftest import run_script, tiny_run_args
 from data import dataset_info
 from models.energy import energy_from_logits
 from models.judge import JudgeCNN
-from train_classifier import ARCH
+from models.judge import JUDGE_ARCH
 
 
 # ---- calibration ----------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def tiny(data_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
     train_jem.main(tiny_run_args(data_root, tmp, "e", "--max-iters", "3", "--pxy-weight", "1"))
     judge = tmp / "judge.pt"
-    config = {"arch": ARCH, "dataset": "mnist", "width": 4}
+    config = {"arch": JUDGE_ARCH, "dataset": "mnist", "width": 4}
     save_atomic({"format_version": FORMAT_VERSION, "config": config,
                  "model": JudgeCNN(1, 10, 28, width=4).state_dict()}, str(judge))
     return tmp / "ck" / "e" / "last.pt", judge

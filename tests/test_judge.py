@@ -13,16 +13,17 @@ from torchvision.utils import save_image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from checkpoint import load_checkpoint  # noqa: E402
-from score_samples import load_judge, score_directory  # noqa: E402
+from checkpoint import load_checkpoint, load_judge  # noqa: E402
+from tools.score_samples import score_directory  # noqa: E402
 
 PER_CLASS = 20
 
 
-def script(name, *args):
+def script(module, *args):
+    """Run tools.<module> as the README does (python -m tools.NAME from the repository root)."""
     # one thread: the test box is small and often shared, where extra threads only slow things down
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, os.path.join(REPO, name), *map(str, args)],
+    return subprocess.run([sys.executable, "-m", f"tools.{module}", *map(str, args)],
                           capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
 
 
@@ -42,7 +43,7 @@ def mnist_root(data_root):
 def judge(mnist_root, tmp_path_factory):
     """A judge trained for 2 epochs on the fixture's 1,200 real digits."""
     out = tmp_path_factory.mktemp("judge") / "judge.pt"
-    proc = script("train_classifier.py", "--data-root", mnist_root, "--train-subset", 1200,
+    proc = script("train_classifier", "--data-root", mnist_root, "--train-subset", 1200,
                   "--epochs", 2, "--batch-size", 64, "--device", "cpu", "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert "test accuracy:" in proc.stdout
@@ -69,7 +70,7 @@ def test_checkpoint_loads_and_records_accuracy(judge):
 def test_real_digits_score_high_and_mislabelled_ones_low(judge, mnist_root, tmp_path):
     samples = write_real_digits(mnist_root, tmp_path / "real")
     out = tmp_path / "scores.json"
-    proc = script("score_samples.py", "--classifier", judge, "--samples", samples, "--json", out,
+    proc = script("score_samples", "--classifier", judge, "--samples", samples, "--json", out,
                   "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     scores = json.loads(out.read_text())
@@ -103,13 +104,13 @@ def test_bad_input_is_one_error_line(judge, tmp_path, case):
     elif case == "not a judge":
         classifier = tmp_path / "jem.pt"
         torch.save({"format_version": 1, "config": {"arch": "resnet"}, "model": {}}, classifier)
-    assert_one_line_error(script("score_samples.py", "--classifier", classifier, "--samples", samples))
+    assert_one_line_error(script("score_samples", "--classifier", classifier, "--samples", samples))
 
 
 def test_training_refuses_to_overwrite(mnist_root, tmp_path):
     out = tmp_path / "judge.pt"
     out.write_bytes(b"keep me")
-    proc = script("train_classifier.py", "--data-root", mnist_root, "--out", out)
+    proc = script("train_classifier", "--data-root", mnist_root, "--out", out)
     assert_one_line_error(proc)
     assert "--force" in proc.stderr and out.read_bytes() == b"keep me"
 
@@ -118,7 +119,7 @@ def test_a_judge_trained_with_noise_reads_noisy_digits_that_a_clean_one_misses(j
     """--noise (default 0.3): noisy, grainy samples are judged by the digit in them, not by the
     texture a judge trained on clean digits never saw."""
     clean_judge = tmp_path / "clean.pt"
-    proc = script("train_classifier.py", "--data-root", mnist_root, "--train-subset", 1200, "--epochs", 2,
+    proc = script("train_classifier", "--data-root", mnist_root, "--train-subset", 1200, "--epochs", 2,
                   "--batch-size", 64, "--device", "cpu", "--noise", 0, "--out", clean_judge)
     assert proc.returncode == 0, proc.stderr
     assert load_checkpoint(str(judge))["config"]["noise"] == 0.3

@@ -1,7 +1,7 @@
 """Compare training runs from their metrics.jsonl: a table of windowed train loss / accuracy and the
 validation accuracy, and the curves as a PNG.
 
-    python compare_runs.py checkpoints/one-rank checkpoints/two-ranks checkpoints/one-rank-seed2 \
+    python -m tools.compare_runs checkpoints/one-rank checkpoints/two-ranks checkpoints/one-rank-seed2 \
         --window 100 --plot samples/ranks.png
 """
 import argparse

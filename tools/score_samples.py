@@ -1,6 +1,6 @@
-"""Score class-conditional samples with a judge classifier trained by train_classifier.py.
+"""Score class-conditional samples with a judge classifier trained by tools/train_classifier.py.
 
-    python score_samples.py --classifier checkpoints/judge-mnist.pt --samples DIR [--json OUT.json]
+    python -m tools.score_samples --classifier checkpoints/judge-mnist.pt --samples DIR [--json OUT.json]
 
 DIR holds DIR/<class index>/*.png (e.g. what `sample.py --individual` writes); other entries of DIR
 are ignored. For each class, prints the fraction of its images that the judge assigns to that class,
@@ -15,29 +15,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from checkpoint import CheckpointError, load_checkpoint, load_model_state
+from checkpoint import load_judge
 from cli import resolve_device, run
 from data import DataError, dataset_info, to_float
-from train_classifier import ARCH, build_judge
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--classifier", required=True, help="judge checkpoint written by train_classifier.py (required)")
+    p.add_argument("--classifier", required=True, help="judge checkpoint written by tools/train_classifier.py (required)")
     p.add_argument("--samples", required=True, help="folder with <class index>/*.png (required)")
     p.add_argument("--json", help="also write the scores to this JSON file (default: none)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     return p
-
-
-def load_judge(path, device):
-    ckpt = load_checkpoint(path)
-    config = ckpt["config"]
-    if config.get("arch") != ARCH:
-        raise CheckpointError(f"'{path}' is not a judge checkpoint written by train_classifier.py")
-    model = build_judge(config, dataset_info(config["dataset"])).to(device)
-    load_model_state(model, ckpt["model"], path)
-    return model.eval()
 
 
 def _load_pngs(files, channels, size):

@@ -1,10 +1,10 @@
 """Fault drill: many short real training runs with injected faults; do they all finish?
 And what does the guard cost a healthy step?
 
-    python fault_drill.py --data-root ../shared/data --runs 20          # divergences
-    python fault_drill.py --data-root ../shared/data --runs 20 --disk   # kills and damaged checkpoints
-    python fault_drill.py --data-root ../shared/data --cost             # healthy steps, guard on vs off
-    python fault_drill.py --checkpoint-cost                             # checksums and rotation: cost
+    python -m tools.fault_drill --data-root ../shared/data --runs 20          # divergences
+    python -m tools.fault_drill --data-root ../shared/data --runs 20 --disk   # kills and damaged checkpoints
+    python -m tools.fault_drill --data-root ../shared/data --cost             # healthy steps, guard on vs off
+    python -m tools.fault_drill --checkpoint-cost                             # checksums and rotation: cost
 
 Each run trains a small ResNet JEM on 2,000 real MNIST images for --steps steps, seeded by the run
 index. Divergence drill: one to three faults (a NaN in a weight, or a 10^4 x learning-rate spike) at
@@ -25,7 +25,7 @@ import tempfile
 
 from recovery import FAULTS
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # train_jem.py runs from there
 
 
 def train_cmd(i, args, root, name, ckpt_every=25):

@@ -1,7 +1,7 @@
 """Time JEM training iterations against their floor, the bare network passes they must do.
 
-    python bench.py --sides naive,lean --iters 5 -- --preset mnist-cpu --n-steps 20
-    python bench.py --sides lean,lean+bf16,lean+cl --device cuda -- --preset cifar10-paper --depth 16 --widen 4
+    python -m tools.bench --sides naive,lean --iters 5 -- --preset mnist-cpu --n-steps 20
+    python -m tools.bench --sides lean,lean+bf16,lean+cl --device cuda -- --preset cifar10-paper --depth 16 --widen 4
 
 Everything after `--` is train_jem.py's own flags (preset, model, batch size, SGLD settings), so
 the benchmark runs the configuration a training run would. A side is "naive" (the official JEM

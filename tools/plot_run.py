@@ -1,6 +1,6 @@
 """Plot test accuracy, FID and Inception Score over a run's saved checkpoints (one line per run).
 
-    python plot_run.py --ckpt checkpoints/mnist-baseline/history/*.pt checkpoints/mnist/best.pt \\
+    python -m tools.plot_run --ckpt checkpoints/mnist-baseline/history/*.pt checkpoints/mnist/best.pt \\
         checkpoints/mnist/last.pt --out results/run-curves
 
 train_jem.py keeps only last.pt and best.pt; for a curve, copy last.pt aside every few steps (or train

@@ -1,9 +1,9 @@
 """Train an independent CNN classifier (the "judge") on real data, to score generated samples.
 
-    python train_classifier.py --dataset mnist --data-root data --out checkpoints/judge-mnist.pt
+    python -m tools.train_classifier --dataset mnist --data-root data --out checkpoints/judge-mnist.pt
 
 The judge never sees generated samples: it is trained on the real training split and its accuracy
-on the real test split is printed and stored. Score samples with score_samples.py.
+on the real test split is printed and stored. Score samples with tools/score_samples.py.
 """
 import argparse
 import os
@@ -16,9 +16,7 @@ from tqdm import tqdm
 from checkpoint import FORMAT_VERSION, save_checkpoint
 from cli import UsageError, resolve_device, run
 from data import augment, dataset_info, load_split, to_float
-from models.judge import JudgeCNN
-
-ARCH = "judge-cnn"  # marks the checkpoint as a judge, so score_samples.py can refuse JEM checkpoints
+from models.judge import JUDGE_ARCH, build_judge
 
 
 def build_parser():
@@ -42,11 +40,6 @@ def build_parser():
     p.add_argument("--out", help="checkpoint path (default: checkpoints/judge-<dataset>.pt)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists (default: refuse)")
     return p
-
-
-def build_judge(config, info):
-    """The network a judge checkpoint's config describes (shared with score_samples.py)."""
-    return JudgeCNN(info.channels, info.n_classes, info.image_size, width=config["width"])
 
 
 @torch.inference_mode()
@@ -86,7 +79,7 @@ def main(argv=None):
     y = torch.from_numpy(y).to(device)
     tx, ty = torch.from_numpy(tx.transpose(0, 3, 1, 2).copy()), torch.from_numpy(ty)
 
-    config = {"arch": ARCH, "dataset": args.dataset, "width": args.width, "epochs": args.epochs,
+    config = {"arch": JUDGE_ARCH, "dataset": args.dataset, "width": args.width, "epochs": args.epochs,
               "batch_size": args.batch_size, "lr": args.lr, "noise": args.noise, "train_subset": args.train_subset,
               "seed": args.seed}
     model = build_judge(config, info).to(device)
