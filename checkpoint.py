@@ -12,7 +12,7 @@ import zlib
 import torch
 
 from data import dataset_info
-from models import build_model
+from models import ARCH_SETTINGS, build_model
 from models.judge import JUDGE_ARCH, build_judge
 
 FORMAT_VERSION = 1
@@ -168,10 +168,22 @@ def sgld_step_rule(config):
 
 def model_kwargs(config, info):
     """The build_model arguments a training config implies (stored, so sample.py can replay them)."""
+    sizes = {k: config[k] for k in ARCH_SETTINGS[config["arch"]]}
     return dict(arch=config["arch"], n_classes=info.n_classes, in_channels=info.channels,
-                norm=config["norm"], depth=config["depth"], widen=config["widen"],
-                width=config["width"], dropout=config["dropout"],
-                activation=config.get("activation", "leaky_relu"))  # older checkpoints: leaky ReLU
+                norm=config["norm"], dropout=config["dropout"],
+                activation=config.get("activation", "leaky_relu"), **sizes)  # older checkpoints: leaky ReLU
+
+
+def recorded_config(config):
+    """The settings a run records (config.json, checkpoints): those that apply to it. The other
+    architecture's sizes, SGD's momentum under Adam and the length of a step ramp that is off are
+    left out, not stored as if they had been used. Checkpoints that hold them still load."""
+    unused = {k for arch, keys in ARCH_SETTINGS.items() if arch != config["arch"] for k in keys}
+    if config.get("optimizer") != "sgd":
+        unused.add("momentum")
+    if config.get("steps_from") is None:
+        unused.add("steps_ramp")
+    return {k: v for k, v in config.items() if k not in unused}
 
 
 def load_model_state(model, state, path="checkpoint"):

@@ -21,9 +21,13 @@ with a new seed. `Guard` does that restart itself:
 import json
 import math
 import os
+import sys
 
 import torch
 from torchvision.utils import save_image
+from tqdm import tqdm
+
+from distributed import rank_seed
 
 RUNGS = ("reseed", "lr", "reinit", "l2", "steps", "clamp")
 FAULTS = ("nan", "lr-spike")
@@ -204,3 +208,34 @@ def mitigate(rung, cfg, sampler, buffer):
         cfg.clamp = sampler.clamp = True
         return "clamp chains to [-1, 1]"
     raise ValueError(rung)
+
+
+def roll_back(state, sampler, trigger, values, samples, log):
+    """A step diverged (on some rank; all ranks agree): restore the state (run_state.RunState) to
+    the guard's last verified snapshot, reseed, climb one rung of the mitigation ladder and write
+    last.pt. When no recovery is left, write the last verified state and stop with an error."""
+    guard, cfg, ranks = state.guard, state.cfg, state.ranks
+    failed_step, last_path = state.step, os.path.join(state.run_dir, "last.pt")
+    if not guard.can_retry():
+        log({"step": failed_step, "kind": "diverged", "trigger": trigger, "values": values})
+        log({"step": failed_step, **guard.summary(finished=False)})
+        where = "no verified state yet"
+        if guard.snapshot is not None:
+            state.restore(guard.snapshot)
+            state.save("last.pt")
+            where = f"{last_path} holds the last verified state (step {state.step})"
+        raise SystemExit(f"error: step {failed_step} diverged ({trigger}) after {guard.attempt} of "
+                         f"{cfg.max_recoveries} recoveries; {where}: resume it with --resume, "
+                         "perhaps with a lower --lr or --l2-energy 0.1")
+    rung = guard.next_rung()
+    guard.attempt += 1
+    state.restore(guard.snapshot)
+    seed = derived_seed(cfg.seed, guard.attempt)
+    torch.manual_seed(rank_seed(seed, ranks.rank))
+    action = mitigate(rung, cfg, sampler, state.buffer)
+    log(guard.record(failed_step, trigger, values, [f"rollback to step {state.step}", f"seed {seed}", action],
+                     state.run_dir if ranks.main else None, samples))
+    if ranks.main:
+        tqdm.write(f"step {failed_step} diverged ({trigger}): rolled back to step {state.step}, seed {seed}, "
+                   f"{action} (recovery {guard.attempt} of {cfg.max_recoveries})", file=sys.stderr)
+    state.save("last.pt")  # the verified state and its mitigation survive a crash

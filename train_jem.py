@@ -25,15 +25,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from checkpoint import (FORMAT_VERSION, RESUMABLE, CheckpointError, load_model_state, load_resumable,
-                        model_kwargs, save_checkpoint)
+from checkpoint import RESUMABLE, CheckpointError, load_resumable, model_kwargs, recorded_config
 from cli import UsageError, run
 from data import augment, dataset_info, epoch_permutation, load_jem_data, to_float
-from distributed import (Ranks, barrier, check_buffer_split, gather_buffer, gather_objects,
-                         health_across_ranks, rank_seed, setup, shard_of, sum_across_ranks, teardown)
+from distributed import (Ranks, barrier, check_buffer_split, health_across_ranks, rank_seed, setup,
+                         sum_across_ranks, teardown)
 from models import ACTIVATIONS, ARCHS, build_model
 from models.energy import energy_from_logits
-from recovery import FAULTS, RUNGS, Guard, derived_seed, host_copy, mitigate
+from recovery import FAULTS, RUNGS, Guard, roll_back
+from run_state import RunState, rng_state, set_rng_state
 from sgld import ReplayBuffer, SGLDSampler, class_conditional_samples, prepare_model, step_ramp
 
 PRESETS = {
@@ -45,7 +45,7 @@ PRESETS = {
                           sigma=0.03, pyx_weight=1.0, px_weight=1.0, pxy_weight=0.0),
     # MNIST on a laptop CPU in minutes: a small ResNet pre-trained two epochs as a classifier, then
     # three epochs of JEM on log p(y|x) + 0.3 log p(x, y) with class-conditional chains that start
-    # from (augmented) training images and stay in [-1, 1], and a light energy penalty. README,
+    # from (augmented) training images and stay in [-1, 1], and a light energy penalty. docs/training.md,
     # "Why the mnist-cpu preset looks like this", gives what failed without each of these.
     "mnist-cpu": dict(dataset="mnist", arch="resnet", width=16, norm="none", optimizer="adam",
                       lr=3e-3, warmup_iters=100, batch_size=64, epochs=5, pretrain_epochs=2,
@@ -58,8 +58,14 @@ PRESETS = {
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--preset", choices=sorted(PRESETS), help="a set of flags to start from; any flag overrides it")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a set of flags to start from; any flag overrides it")
+    add_run_flags(p)
+    add_method_flags(p)
+    return p
+
+
+def add_run_flags(p):
+    """Where the run goes, how it is kept and watched, and its data."""
     g = p.add_argument_group("run")
     g.add_argument("--run-name", help="name of checkpoints/<run> and samples/<run> (default: dataset-arch-time)")
     g.add_argument("--resume", action="store_true", help="continue checkpoints/<run-name>/last.pt exactly")
@@ -101,6 +107,10 @@ def build_parser():
     g.add_argument("--train-subset", type=float, help="train on a class-balanced fraction (<= 1) or count (> 1) of the training set")
     g.add_argument("--labels-per-class", type=int, help="semi-supervised: cross-entropy on this many labelled images per class, energy on all")
     g.add_argument("--sigma", type=float, default=0.03, help="std of Gaussian noise added to training images; JEM needs it for stability (default: %(default)s)")
+
+
+def add_method_flags(p):
+    """The model, the objective, the optimiser, the sampler and the fast paths."""
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="wrn", choices=ARCHS, help="wrn (the paper's) or resnet (small, CPU-friendly) (default: %(default)s)")
     g.add_argument("--depth", type=int, default=28, help="WideResNet depth, 6n+4 (default: %(default)s)")
@@ -154,7 +164,7 @@ def build_parser():
                         "to --n-steps over --steps-ramp iterations (default: off, always --n-steps)")
     g.add_argument("--steps-ramp", type=int, default=1000, help="iterations of the --steps-from ramp (default: %(default)s)")
     g = p.add_argument_group("speed", "fast paths; all off by default, since each changes the arithmetic a little "
-                                      "(README, Speed, says which to use on a GPU)")
+                                      "(docs/speed.md says which to use on a GPU)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                    help="model and SGLD chains in the channels-last layout (default: %(default)s)")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
@@ -163,7 +173,6 @@ def build_parser():
                    help="torch.compile the model and the whole SGLD step (minutes of compiling first) (default: %(default)s)")
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
                    help="replay each SGLD step as a CUDA graph; CUDA only, ignored on CPU (default: %(default)s)")
-    return p
 
 
 def resolve_config(argv):
@@ -197,7 +206,7 @@ def resolve_config(argv):
             print(f"resuming from {used} at step {ckpt['step']}{lost}", file=sys.stderr)
         config.update(ckpt["config"])  # parser defaults stay for flags newer than the checkpoint
         for key in ("arch", "depth", "widen", "width", "norm", "dataset"):
-            if key in explicit and explicit[key] != config[key]:
+            if key in explicit and key in ckpt["config"] and explicit[key] != config[key]:
                 raise CheckpointError(f"'{path}' was trained with {key}={config[key]}; it cannot "
                                       f"resume as {key}={explicit[key]} (another architecture)")
         config.update(explicit, resume=True)
@@ -364,24 +373,13 @@ def evaluate(model, x_u8, y, ranks=Ranks(), batch_size=500):
     return correct / max(1, len(y)), nll / max(1, len(y))
 
 
-def rng_state(device):
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def save_sample_grid(model, sampler, buffer, n_classes, shape, path, device, per_class=8):
+def save_sample_grid(model, sampler, buffer, n_classes, path, device, per_class=8):
     """Class-conditional samples, one row per class (at most 10 classes shown). Uses a forked RNG
     so that drawing pictures never changes the training run."""
     classes = torch.arange(min(n_classes, 10)).repeat_interleave(per_class)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         model.eval()
-        x = class_conditional_samples(model, sampler, classes, shape, buffer, device=device)
+        x = class_conditional_samples(model, sampler, classes, buffer.shape, buffer, device=device)
         model.train()
     save_image((x + 1) / 2, path, nrow=per_class)
 
@@ -451,11 +449,9 @@ def last_logged_step(metrics_path):
     return max(steps)
 
 
-def open_run_dirs(cfg, ranks=Ranks()):
-    """The run's folders. A run that holds a checkpoint is never started again over it; one that
-    stopped before its first checkpoint has nothing to lose and may be."""
-    run_dir = os.path.join(cfg.ckpt_root, cfg.run_name)
-    sample_dir = os.path.join(cfg.samples_root, cfg.run_name)
+def open_run_dirs(cfg, run_dir, sample_dir, ranks=Ranks()):
+    """Make the run's folders. A run that holds a checkpoint is never started again over it; one
+    that stopped before its first checkpoint has nothing to lose and may be."""
     saved = [f for f in RESUMABLE if os.path.exists(os.path.join(run_dir, f))]
     if not cfg.resume and saved:
         raise UsageError(f"run '{cfg.run_name}' already exists ({run_dir} holds {' and '.join(saved)}); "
@@ -470,7 +466,6 @@ def open_run_dirs(cfg, ranks=Ranks()):
                     os.remove(os.path.join(run_dir, name))
         os.makedirs(run_dir, exist_ok=True)
         os.makedirs(sample_dir, exist_ok=True)
-    return run_dir, sample_dir
 
 
 def print_header(cfg, data, model, device, run_dir, sample_dir, iters_per_epoch, total):
@@ -494,6 +489,19 @@ def print_header(cfg, data, model, device, run_dir, sample_dir, iters_per_epoch,
           f"checkpoints in {run_dir}, samples in {sample_dir}", flush=True)
 
 
+def append_line(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def resumed_message(cfg, step, saved_world, ranks, metrics_path):
+    """On resume: drop the metric lines after the checkpoint, and say where the run goes on."""
+    truncate_metrics(metrics_path, step)
+    if saved_world != ranks.world:
+        print(f"re-sharded the replay buffer of {saved_world} rank(s) over {ranks.world}", file=sys.stderr)
+    print(f"resumed '{cfg.run_name}' at step {step}", file=sys.stderr)
+
+
 def truncate_metrics(path, step):
     """On resume, drop metric lines written after the checkpoint we continue from."""
     if not os.path.exists(path):
@@ -506,24 +514,57 @@ def truncate_metrics(path, step):
     os.replace(tmp, path)
 
 
-def finished_test_line(path, step):
-    """The `test` line a run that finished at `step` wrote, or None."""
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        tests = [r for r in map(json.loads, filter(str.strip, f)) if r.get("kind") == "test" and r["step"] == step]
-    return tests[-1] if tests else None
-
-
-def phase_bar(cfg, step, switch_on, total, disable=False):
-    """A progress bar for the phase `step` is in (classifier pre-training or JEM): its rate and
-    estimate are that phase's own, not a blend of cheap classifier steps and costly JEM steps."""
-    start, end, phase = (0, switch_on, "classifier") if step < switch_on else (switch_on, total, "JEM")
-    return tqdm(total=end - start, initial=step - start, desc=f"{cfg.run_name} {phase}",
-                dynamic_ncols=True, disable=disable)
+def already_finished(cfg, step, metrics_path, ranks):
+    """Whether a resumed run had finished at `step` (its `test` line is written); says so."""
+    tests = []
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            tests = [r for r in map(json.loads, filter(str.strip, f)) if r.get("kind") == "test" and r["step"] == step]
+    if tests and ranks.main:
+        print(f"run '{cfg.run_name}' already finished at step {step} (test accuracy "
+              f"{tests[-1]['test_acc']:.4f}); nothing to do: raise --epochs or --max-iters to train on")
+    return bool(tests)
 
 
 SPEED_STEPS = 10  # steps measured at the start of each phase for the time estimate
+
+
+class PhaseBar:
+    """A progress bar per phase (classifier pre-training, then JEM): each phase's rate and estimate
+    are its own, not a blend of cheap classifier steps and costly JEM steps. After its first
+    SPEED_STEPS steps a phase prints its measured speed and expected duration."""
+
+    def __init__(self, run_name, switch_on, total, disable=False):
+        self.run_name, self.switch_on, self.total, self.disable = run_name, switch_on, total, disable
+        self.bar, self.phase = None, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def show(self, step, reopen=False):
+        """The bar of step's phase: opened at the start, at the switch, and after a rollback."""
+        phase = "classifier" if step < self.switch_on else "JEM"
+        if self.bar is None or reopen or phase != self.phase:
+            self.close()
+            start, end = (0, self.switch_on) if phase == "classifier" else (self.switch_on, self.total)
+            self.bar = tqdm(total=end - start, initial=step - start, desc=f"{self.run_name} {phase}",
+                            dynamic_ncols=True, disable=self.disable)
+            self.phase = phase
+
+    def advance(self, step):
+        self.bar.update(1)
+        if not self.disable and self.bar.n - self.bar.initial == SPEED_STEPS:
+            tqdm.write(speed_line(self.bar, self.total - self.switch_on if step < self.switch_on else 0))
+
+    def set_postfix(self, record):
+        self.bar.set_postfix({k: record[k] for k in ("loss", "acc", "gap") if k in record})
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def speed_line(bar, jem_steps_ahead):
@@ -549,18 +590,101 @@ def main(argv=None):
 
 
 def train(cfg, ckpt, ranks, device):
-    try:
-        guard = Guard(cfg.max_recoveries, cfg.recovery_ladder, cfg.snapshot_every, cfg.explode_threshold,
-                      cfg.max_energy, cfg.max_gap, cfg.spike_factor, cfg.inject_fault)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    guard = build_guard(cfg)
     info = dataset_info(cfg.dataset)
     data = load_jem_data(cfg.dataset, cfg.data_root, device, cfg.n_valid, cfg.train_subset,
                          cfg.labels_per_class)
+    run_dir, sample_dir = os.path.join(cfg.ckpt_root, cfg.run_name), os.path.join(cfg.samples_root, cfg.run_name)
+    torch.manual_seed(cfg.seed)
+    state, net, sampler = build_run(cfg, info, data, guard, ranks, device, run_dir)
+    open_run_dirs(cfg, run_dir, sample_dir, ranks)
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    log = functools.partial(append_line, metrics_path) if ranks.main else (lambda record: None)
+    if ckpt is not None:
+        state.load_state_dict(ckpt, os.path.join(run_dir, "last.pt"))
+        if ranks.main:
+            resumed_message(cfg, state.step, ckpt.get("world_size", 1), ranks, metrics_path)
+    elif ranks.main:
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(recorded_config(vars(cfg)), f, indent=2)
+    iters_per_epoch, total = plan(cfg, data, ranks)
+    if ranks.main:
+        print_header(cfg, data, state.model, device, run_dir, sample_dir, iters_per_epoch, total)
+    if ckpt is not None and state.step >= total and already_finished(cfg, state.step, metrics_path, ranks):
+        return
+    # a slow step (minutes for WRN-28-10 on a CPU) stops half way on a signal; not under torchrun,
+    # where every rank must agree at the step's end, nor inside a CUDA-graph capture
+    stop_within_step = not ranks.enabled and not (cfg.cuda_graph and device.type == "cuda")
+    valid = data.valid_x[:cfg.max_eval], data.valid_y[:cfg.max_eval]
+    switch_on = min(cfg.pretrain_epochs * iters_per_epoch, total)
+    state.model.train()
+    with SignalFlag() as signals, PhaseBar(cfg.run_name, switch_on, total, disable=not ranks.main) as bar:
+        while state.step < total:
+            bar.show(state.step)
+            epoch = state.step // iters_per_epoch
+            batch = training_batch(data, cfg, info, state.step, iters_per_epoch, device, ranks)
+            for group in state.optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, state.step, iters_per_epoch)
+            fault = guard.inject(state.step, state.model, state.optimizer)
+            if fault:
+                log({"step": state.step, "kind": "fault", "fault": fault})
+            try:
+                with taken_back_on_signal(state, signals, stop_within_step):
+                    metrics, samples, health, stop = forward_backward(net, sampler, state, cfg, batch,
+                                                                      epoch >= cfg.pretrain_epochs, signals)
+            except StepInterrupted:  # the state before this step is saved: a resume repeats it exactly
+                state.save_last()
+                bar.close()
+                stopped_message(cfg, run_dir, state.step, state.written)
+                sys.exit(128 + signals.signum)
+            diverged = guard.check(health)
+            if diverged:
+                roll_back(state, sampler, *diverged, samples, log)
+                bar.show(state.step, reopen=True)
+                continue
+            # this forward pass has just verified the state of `step` updates
+            guard.maybe_snapshot(state.step, state.training_state,
+                                 checkpointed=state.step % cfg.ckpt_every == 0)
+            state.optimizer.step()
+            state.step += 1
+            bar.advance(state.step)
+
+            step = state.step
+            if step % cfg.log_every == 0 or step == total:
+                record = {k: round(v.item(), 5) for k, v in metrics.items()}
+                bar.set_postfix(record)
+                log({"step": step, "epoch": epoch, "kind": "train", "lr": state.optimizer.param_groups[0]["lr"],
+                     "elapsed_s": round(state.elapsed_s, 1), **record})
+            if step % cfg.eval_every == 0 or step == total:
+                validate(state, *valid, metrics, epoch, log)
+            if step % cfg.ckpt_every == 0 or step == total or stop:
+                state.save_last()
+            if ranks.main and cfg.sample_every and (step % cfg.sample_every == 0 or step == total):
+                save_sample_grid(state.model, sampler, state.buffer, info.n_classes,
+                                 os.path.join(sample_dir, f"step_{step:07d}.png"), device)
+            if stop:
+                bar.close()
+                if ranks.main:
+                    stopped_message(cfg, run_dir, step, state.written)
+                sys.exit(128 + (signals.signum or signal.SIGTERM))
+    finish(state, cfg, data, log, run_dir, sample_dir)
+
+
+# ---- the named steps of train() ------------------------------------------------------------------
+
+def build_guard(cfg):
+    try:
+        return Guard(cfg.max_recoveries, cfg.recovery_ladder, cfg.snapshot_every, cfg.explode_threshold,
+                     cfg.max_energy, cfg.max_gap, cfg.spike_factor, cfg.inject_fault)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def build_run(cfg, info, data, guard, ranks, device, run_dir):
+    """The model, its optimizer, the replay buffer and the sampler of a new run, as a RunState
+    (with the sampler and what the training forward runs: the model, or DDP around it)."""
     n_classes = info.n_classes if cfg.pxy_weight > 0 else None  # class slices for p(x|y) chains
     buffer_size = check_buffer_split(cfg.buffer_size, n_classes, ranks.world, cfg.batch_size)
-    run_dir, sample_dir = open_run_dirs(cfg, ranks)
-    torch.manual_seed(cfg.seed)
     model = prepare_model(build_model(**model_kwargs(vars(cfg), info)).to(device), cfg.channels_last,
                           cfg.bf16, "inductor" if cfg.compile else None)
     net = model  # what the training forward runs: under torchrun, DDP averages its gradients
@@ -573,243 +697,92 @@ def train(cfg, ckpt, ranks, device):
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay)
-    shape = (info.channels, info.image_size, info.image_size)
     init = {}
     if cfg.buffer_init == "data" or cfg.gaussian_init:
         init = dict(init_data=data.train_x, init_labels=data.train_y,
                     init_transform=functools.partial(augment, flip=info.flip, sigma=cfg.sigma),
                     gaussian_rank=cfg.gaussian_init or None)
-    buffer = ReplayBuffer(buffer_size, shape, n_classes=n_classes, reinit_freq=cfg.reinit_freq,
-                          device=device, **init)
+    buffer = ReplayBuffer(buffer_size, (info.channels, info.image_size, info.image_size),
+                          n_classes=n_classes, reinit_freq=cfg.reinit_freq, device=device, **init)
     draws_per_iter = (cfg.px_weight > 0) + (cfg.pxy_weight > 0)  # the ramp counts buffer updates
     sampler = SGLDSampler(cfg.n_steps, cfg.step_size, cfg.noise_std, cfg.clamp, cfg.grad_clip,
                           schedule=None if cfg.steps_from is None else
                           step_ramp(buffer, cfg.steps_from, cfg.n_steps, cfg.steps_ramp * draws_per_iter),
                           channels_last=cfg.channels_last, compile="inductor" if cfg.compile else None,
                           cuda_graph=cfg.cuda_graph and device.type == "cuda")
+    return RunState(cfg, model, optimizer, buffer, guard, ranks, device, run_dir), net, sampler
 
-    step, best_valid_acc, t0 = 0, -1.0, time.time()
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    if ckpt is not None:
-        load_model_state(model, ckpt["model"], os.path.join(run_dir, "last.pt"))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        saved_world = ckpt.get("world_size", 1)
-        try:
-            whole = ckpt["buffer"]["x"]
-            buffer.load_state_dict({**ckpt["buffer"], "x": shard_of(whole, n_classes, ranks.rank, ranks.world)})
-        except (ValueError, RuntimeError) as e:  # e.g. resumed with --pxy-weight after a run without
-            print(f"warning: {e}; starting a fresh replay buffer", file=sys.stderr)  # class slices
-        rngs = ckpt.get("rng_ranks", [ckpt["rng"]])
-        if ranks.rank < len(rngs):
-            set_rng_state(rngs[ranks.rank], device)
-        else:
-            torch.manual_seed(rank_seed(cfg.seed + ckpt["step"], ranks.rank))
-        step, best_valid_acc = ckpt["step"], ckpt["best_valid_acc"]
-        t0 -= ckpt.get("elapsed_s", 0.0)  # elapsed_s counts the wall time of every segment
-        if "recovery" in ckpt:
-            guard.load_state_dict(ckpt["recovery"])
-        if ranks.main:
-            truncate_metrics(metrics_path, step)
-            if saved_world != ranks.world:
-                print(f"re-sharded the replay buffer of {saved_world} rank(s) over {ranks.world}",
-                      file=sys.stderr)
-            print(f"resumed '{cfg.run_name}' at step {step}", file=sys.stderr)
-    elif ranks.main:
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(vars(cfg), f, indent=2)
 
-    def local_state():
-        """This rank's state, what a rollback restores."""
-        return {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "buffer": buffer.state_dict()}
-
-    saved = {}  # file name -> step it holds, of this process's writes that succeeded
-
-    def save(name):
-        """One checkpoint of the whole run, every rank's buffer shard and RNG included, written by
-        rank 0. Every rank must call it. last.pt's predecessor is kept as prev.pt, so a last.pt
-        damaged later costs one interval. A failed write (disk full) keeps the file before it and
-        training goes on: the state in memory is sound, and the next interval tries again.
-        Returns whether it was written."""
-        shard = buffer.state_dict()
-        whole = gather_buffer(ranks, shard["x"], n_classes)
-        rngs = gather_objects(ranks, rng_state(device))
-        if not ranks.main:
-            return True
-        path = os.path.join(run_dir, name)
-        try:
-            save_checkpoint({"format_version": FORMAT_VERSION, "config": vars(cfg), "step": step,
-                             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "buffer": {**shard, "x": whole}, "rng": rngs[0], "rng_ranks": rngs,
-                             "world_size": ranks.world, "best_valid_acc": best_valid_acc,
-                             "elapsed_s": time.time() - t0, "recovery": guard.state_dict()},
-                            path, rotate_to=os.path.join(run_dir, "prev.pt") if name == "last.pt" else None)
-        except OSError as e:
-            kept = (f"{path} still holds step {saved[name]}" if name in saved else
-                    f"{path} still holds what it held before" if os.path.exists(path) else
-                    "no checkpoint is written yet")
-            tqdm.write(f"warning: could not write {path} at step {step} ({e.strerror or e}); {kept}; "
-                       "training goes on and tries again at the next checkpoint", file=sys.stderr)
-            return False
-        saved[name] = step
-        return True
-
-    def log(record):
-        if ranks.main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def restore(state):
-        nonlocal step
-        state = host_copy(state)  # a copy: on CPU, loading would alias the snapshot's tensors
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        buffer.load_state_dict(state["buffer"])
-        step = state["step"]
-
-    def roll_back(trigger, values, samples):
-        """A step diverged (on some rank; all agree): restore the last verified state, reseed,
-        climb the mitigation ladder."""
-        failed_step, last_path = step, os.path.join(run_dir, "last.pt")
-        if not guard.can_retry():
-            log({"step": step, "kind": "diverged", "trigger": trigger, "values": values})
-            log({"step": step, **guard.summary(finished=False)})
-            where = "no verified state yet"
-            if guard.snapshot is not None:
-                restore(guard.snapshot)
-                save("last.pt")
-                where = f"{last_path} holds the last verified state (step {step})"
-            bar.close()
-            raise SystemExit(f"error: step {failed_step} diverged ({trigger}) after {guard.attempt} of "
-                             f"{cfg.max_recoveries} recoveries; {where}: resume it with --resume, "
-                             "perhaps with a lower --lr or --l2-energy 0.1")
-        rung = guard.next_rung()
-        guard.attempt += 1
-        restore(guard.snapshot)
-        seed = derived_seed(cfg.seed, guard.attempt)
-        torch.manual_seed(rank_seed(seed, ranks.rank))
-        action = mitigate(rung, cfg, sampler, buffer)
-        log(guard.record(failed_step, trigger, values, [f"rollback to step {step}", f"seed {seed}", action],
-                         run_dir if ranks.main else None, samples))
-        if ranks.main:
-            tqdm.write(f"step {failed_step} diverged ({trigger}): rolled back to step {step}, seed {seed}, "
-                       f"{action} (recovery {guard.attempt} of {cfg.max_recoveries})", file=sys.stderr)
-        save("last.pt")  # the verified state and its mitigation survive a crash
-
+def plan(cfg, data, ranks):
+    """(steps per epoch, steps in all)."""
     iters_per_epoch = len(data.train_x) // (cfg.batch_size * ranks.world)
     if iters_per_epoch == 0:
         raise UsageError(f"--batch-size {cfg.batch_size} x {ranks.world} rank(s) exceeds the "
                          f"{len(data.train_x)} training images")
     total = cfg.epochs * iters_per_epoch
-    if cfg.max_iters is not None:
-        total = min(total, cfg.max_iters)
-    valid_x, valid_y = data.valid_x[:cfg.max_eval], data.valid_y[:cfg.max_eval]
-    if ranks.main:
-        print_header(cfg, data, model, device, run_dir, sample_dir, iters_per_epoch, total)
-    finished = finished_test_line(metrics_path, step) if ckpt is not None and step >= total else None
-    if finished:
-        if ranks.main:
-            print(f"run '{cfg.run_name}' already finished at step {step} (test accuracy "
-                  f"{finished['test_acc']:.4f}); nothing to do: raise --epochs or --max-iters to train on")
-        return
-    # a slow step (minutes for WRN-28-10 on a CPU) stops half way on a signal; not under torchrun,
-    # where every rank must agree at the step's end, nor inside a CUDA-graph capture
-    stop_within_step = not ranks.enabled and not (cfg.cuda_graph and device.type == "cuda")
-    model.train()
-    switch_on = min(cfg.pretrain_epochs * iters_per_epoch, total)
-    bar = phase_bar(cfg, step, switch_on, total, disable=not ranks.main)
-    energy_phase_bar = step >= switch_on
-    written = True  # whether the last write of last.pt succeeded
-    with SignalFlag() as signals:
-        while step < total:
-            epoch = step // iters_per_epoch
-            if step == switch_on and not energy_phase_bar:
-                bar.close()
-                bar = phase_bar(cfg, step, switch_on, total, disable=not ranks.main)
-                energy_phase_bar = step >= switch_on
-            batch = training_batch(data, cfg, info, step, iters_per_epoch, device, ranks)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step, iters_per_epoch)
-            fault = guard.inject(step, model, optimizer)
-            if fault:
-                log({"step": step, "kind": "fault", "fault": fault})
-            if stop_within_step:
-                rng_before = rng_state(device)
-                buffer.begin()
-            try:
-                with signals.within_step(stop_within_step):
-                    loss, metrics, samples = jem_loss(net, sampler, buffer, cfg, batch,
-                                                      energy_on=epoch >= cfg.pretrain_epochs)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()
-                                                               if p.grad is not None])
-                    signalled = loss.new_tensor(float(signals.signum is not None))
-                    # the one host sync per step reads every health signal of every rank, and whether
-                    # any rank got Ctrl-C / SIGTERM, before the update is applied: all ranks decide alike
-                    *health, stop = health_across_ranks(
-                        ranks, torch.stack([*guard.health_stats(loss, metrics, grad_norm), signalled])).tolist()
-            except StepInterrupted:  # back to the state before this step: a resume repeats it exactly
-                buffer.undo()
-                set_rng_state(rng_before, device)
-                written = save("last.pt")
-                bar.close()
-                stopped_message(cfg, run_dir, step, written)
-                sys.exit(128 + signals.signum)
-            diverged = guard.check(health)
-            if diverged:
-                roll_back(*diverged, samples)
-                bar.close()
-                bar = phase_bar(cfg, step, switch_on, total, disable=not ranks.main)
-                energy_phase_bar = step >= switch_on
-                continue
-            # this forward pass has just verified the state of `step` updates
-            guard.maybe_snapshot(step, local_state, checkpointed=step % cfg.ckpt_every == 0)
-            optimizer.step()
-            step += 1
-            bar.update(1)
-            if ranks.main and bar.n - bar.initial == SPEED_STEPS:
-                tqdm.write(speed_line(bar, total - switch_on if step < switch_on else 0))
+    return iters_per_epoch, total if cfg.max_iters is None else min(total, cfg.max_iters)
 
-            if step % cfg.log_every == 0 or step == total:
-                record = {k: round(v.item(), 5) for k, v in metrics.items()}
-                bar.set_postfix({k: record[k] for k in ("loss", "acc", "gap") if k in record})
-                log({"step": step, "epoch": epoch, "kind": "train", "lr": optimizer.param_groups[0]["lr"],
-                     "elapsed_s": round(time.time() - t0, 1), **record})
-            if step % cfg.eval_every == 0 or step == total:
-                acc, nll = evaluate(model, valid_x, valid_y, ranks) if len(valid_y) else (None, None)
-                log({"step": step, "epoch": epoch, "kind": "valid", "valid_acc": acc, "valid_nll": nll})
-                if ranks.main and acc is not None:
-                    gap = f", energy gap {metrics['gap'].item():+.2f}" if "gap" in metrics else ""
-                    tqdm.write(f"step {step:,}: validation accuracy {acc:.4f}, NLL {nll:.3f}{gap}")
-                if acc is None or acc > best_valid_acc:  # without a validation set, best is the latest
-                    best_valid_acc = -1.0 if acc is None else acc
-                    save("best.pt")
-            if step % cfg.ckpt_every == 0 or step == total or stop:
-                written = save("last.pt")
-            if ranks.main and cfg.sample_every and (step % cfg.sample_every == 0 or step == total):
-                save_sample_grid(model, sampler, buffer, info.n_classes, shape,
-                                 os.path.join(sample_dir, f"step_{step:07d}.png"), device)
-            if stop:
-                bar.close()
-                if ranks.main:
-                    stopped_message(cfg, run_dir, step, written)
-                sys.exit(128 + (signals.signum or signal.SIGTERM))
-    bar.close()
-    summary = guard.summary(finished=True)
-    log({"step": step, **summary})
-    if summary["divergences"] and ranks.main:
+
+@contextlib.contextmanager
+def taken_back_on_signal(state, signals, enabled):
+    """Ctrl-C / SIGTERM inside the block raises StepInterrupted with the buffer's chains and the
+    RNG as they were before it, so that the step can be saved undone (SignalFlag.within_step)."""
+    if enabled:
+        rng_before = rng_state(state.device)
+        state.buffer.begin()
+    try:
+        with signals.within_step(enabled):
+            yield
+    except StepInterrupted:
+        state.buffer.undo()
+        set_rng_state(rng_before, state.device)
+        raise
+
+
+def forward_backward(net, sampler, state, cfg, batch, energy_on, signals):
+    """The loss and its gradients, and the step's health as every rank sees it. Returns
+    (metrics, samples, health, stop): the one host sync per step reads every health signal of every
+    rank, and whether any rank got Ctrl-C / SIGTERM, before the update: all ranks decide alike."""
+    loss, metrics, samples = jem_loss(net, sampler, state.buffer, cfg, batch, energy_on)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in state.model.parameters() if p.grad is not None])
+    signalled = loss.new_tensor(float(signals.signum is not None))
+    *health, stop = health_across_ranks(
+        state.ranks, torch.stack([*state.guard.health_stats(loss, metrics, grad_norm), signalled])).tolist()
+    return metrics, samples, health, stop
+
+
+def validate(state, valid_x, valid_y, metrics, epoch, log):
+    """Validation accuracy and NLL; best.pt when the accuracy is the best yet (without a
+    validation set, best.pt is the latest state)."""
+    acc, nll = evaluate(state.model, valid_x, valid_y, state.ranks) if len(valid_y) else (None, None)
+    log({"step": state.step, "epoch": epoch, "kind": "valid", "valid_acc": acc, "valid_nll": nll})
+    if state.ranks.main and acc is not None:
+        gap = f", energy gap {metrics['gap'].item():+.2f}" if "gap" in metrics else ""
+        tqdm.write(f"step {state.step:,}: validation accuracy {acc:.4f}, NLL {nll:.3f}{gap}")
+    if acc is None or acc > state.best_valid_acc:
+        state.best_valid_acc = -1.0 if acc is None else acc
+        state.save("best.pt")
+
+
+def finish(state, cfg, data, log, run_dir, sample_dir):
+    """The recovery summary and the test accuracy; a final state that could not be written
+    makes the exit status non-zero."""
+    summary = state.guard.summary(finished=True)
+    log({"step": state.step, **summary})
+    main_rank = state.ranks.main
+    if summary["divergences"] and main_rank:
         print(f"recovery: {summary['divergences']} divergences, all recovered; actions: "
               f"{'; '.join(summary['actions'])}", file=sys.stderr)
-
-    test_acc, test_nll = evaluate(model, data.test_x[:cfg.max_eval], data.test_y[:cfg.max_eval], ranks)
-    log({"step": step, "kind": "test", "test_acc": test_acc, "test_nll": test_nll,
-         "elapsed_s": round(time.time() - t0, 1)})
-    if ranks.main:
-        print(f"test accuracy {test_acc:.4f} (nll {test_nll:.4f}) after {step} steps; "
+    test_acc, test_nll = evaluate(state.model, data.test_x[:cfg.max_eval], data.test_y[:cfg.max_eval], state.ranks)
+    log({"step": state.step, "kind": "test", "test_acc": test_acc, "test_nll": test_nll,
+         "elapsed_s": round(state.elapsed_s, 1)})
+    if main_rank:
+        print(f"test accuracy {test_acc:.4f} (nll {test_nll:.4f}) after {state.step} steps; "
               f"checkpoints in {run_dir}, samples in {sample_dir}")
-        if not written:
-            raise SystemExit(f"error: the final state (step {step}) could not be written to "
+        if not state.written:
+            raise SystemExit(f"error: the final state (step {state.step}) could not be written to "
                              f"{os.path.join(run_dir, 'last.pt')}; free some space and run the same "
                              "command with --resume: it goes on from the last checkpoint written")
 

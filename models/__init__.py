@@ -4,6 +4,7 @@ from .resnet import SmallResNet
 from .wideresnet import WideResNet
 
 ARCHS = ("wrn", "resnet")
+ARCH_SETTINGS = {"wrn": ("depth", "widen"), "resnet": ("width",)}  # the sizes each architecture reads
 
 
 def build_model(arch, n_classes, in_channels, norm="none", depth=28, widen=10, width=32,
@@ -18,4 +19,4 @@ def build_model(arch, n_classes, in_channels, norm="none", depth=28, widen=10, w
     raise ValueError(f"unknown architecture '{arch}'; choose one of: {', '.join(ARCHS)}")
 
 
-__all__ = ["ACTIVATIONS", "ARCHS", "EnergyClassifier", "SmallResNet", "WideResNet", "build_model"]
+__all__ = ["ACTIVATIONS", "ARCHS", "ARCH_SETTINGS", "EnergyClassifier", "SmallResNet", "WideResNet", "build_model"]

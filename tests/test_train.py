@@ -11,7 +11,7 @@ import torch
 
 import train_jem
 from checkpoint import (FORMAT_VERSION, CheckpointError, load_checkpoint, model_from_checkpoint,
-                        model_kwargs, save_atomic, save_checkpoint)
+                        model_kwargs, recorded_config, save_atomic, save_checkpoint)
 from data import dataset_info, load_jem_data
 from conftest import REPO, local_mnist_mirror, run_script, tiny_run_args
 
@@ -355,3 +355,24 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_training_goes_on(data_root, t
     with pytest.raises(SystemExit, match="could not be written"):
         train_jem.main(tiny_run_args(data_root, tmp_path, "fullend", "--max-iters", 10, "--eval-every", 100))
     assert load_checkpoint(str(tmp_path / "ck" / "fullend" / "last.pt"))["step"] == 5
+
+
+def test_config_records_only_the_settings_that_apply(data_root, tmp_path):
+    """A small-ResNet run under Adam records neither WideResNet sizes nor SGD's momentum, in
+    config.json and in the checkpoint; a checkpoint that holds them (older ones) still loads, and
+    resuming with a size the run never recorded is no architecture clash."""
+    train_jem.main(tiny_run_args(data_root, tmp_path, "cfg", "--max-iters", 2))
+    with open(tmp_path / "ck" / "cfg" / "config.json") as f:
+        recorded = json.load(f)
+    ckpt = load_checkpoint(str(tmp_path / "ck" / "cfg" / "last.pt"))
+    for config in (recorded, ckpt["config"]):
+        assert config["arch"] == "resnet" and config["width"] == 4
+        assert not {"depth", "widen", "momentum", "steps_ramp"} & set(config)
+    info = dataset_info("mnist")
+    model_from_checkpoint(ckpt, info, "cpu")
+    old = {**ckpt, "config": {**ckpt["config"], "depth": 28, "widen": 10, "momentum": 0.9}}
+    model_from_checkpoint(old, info, "cpu")
+    assert recorded_config({**old["config"], "optimizer": "sgd"})["momentum"] == 0.9
+    train_jem.main(["--run-name", "cfg", "--resume", "--ckpt-root", str(tmp_path / "ck"),
+                    "--max-iters", "3", "--depth", "16"])
+    assert load_checkpoint(str(tmp_path / "ck" / "cfg" / "last.pt"))["step"] == 3
