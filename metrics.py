@@ -4,6 +4,10 @@ Numbers in, numbers out: classification metrics take logits or probabilities and
 metrics take two arrays of scores (in-distribution and out-of-distribution, higher = "more
 in-distribution"), and the two model-facing pieces (the input-gradient score and PGD) take a model
 that maps images in [-1, 1] to logits. tests/test_eval.py checks each against a known answer.
+
+The detection metrics come from torchmetrics (imported when first used, so `import metrics` stays
+cheap); calibration stays by hand, as torchmetrics bins differently (see expected_calibration_error).
+tests/test_metrics.py holds both against the earlier by-hand code.
 """
 import numpy as np
 import torch
@@ -49,7 +53,12 @@ def calibration_bins(probs, y, n_bins=15):
 
 def expected_calibration_error(probs, y, n_bins=15):
     """ECE (Naeini et al. 2015; Guo et al. 2017): sum over equal-width bins of
-    (n_b / N) * |accuracy_b - mean confidence_b|, with the bins of `calibration_bins`."""
+    (n_b / N) * |accuracy_b - mean confidence_b|, with the bins of `calibration_bins`.
+
+    By hand: torchmetrics' multiclass_calibration_error (norm="l1") closes its bins on the left,
+    [b / n_bins, (b + 1) / n_bins), and gives a confidence of exactly 1.0 (common in float32 for a
+    confident classifier) a bin of its own, where Guo et al. and the reliability diagram use the
+    right-closed bins above. Off the bin edges the two agree."""
     b = calibration_bins(probs, y, n_bins)
     filled = b["count"] > 0
     gaps = np.abs(b["accuracy"][filled] - b["confidence"][filled])
@@ -77,43 +86,45 @@ def score_grad_norm(model, x):
     return -grad.flatten(1).norm(dim=1)
 
 
-def _roc_points(scores_in, scores_out):
-    """True- and false-positive counts at every distinct threshold, in-distribution as positive:
-    a sample is called "in" when its score is >= the threshold. Tied scores move together."""
-    scores = np.concatenate([scores_in, scores_out]).astype(np.float64)
-    is_in = np.concatenate([np.ones(len(scores_in)), np.zeros(len(scores_out))])
-    order = np.argsort(-scores, kind="mergesort")
-    scores, is_in = scores[order], is_in[order]
-    last_of_tie = np.r_[np.flatnonzero(np.diff(scores) != 0), len(scores) - 1]
-    tp = np.cumsum(is_in)[last_of_tie]
-    fp = last_of_tie + 1 - tp
-    return tp, fp
+def _ranks_and_labels(scores_in, scores_out):
+    """Both sets' scores as torchmetrics' (preds, target), in-distribution as the positive class (1).
+
+    Each score is replaced by its dense rank, scaled into [0, 1): torchmetrics reads predictions outside
+    [0, 1] as logits and applies a sigmoid, which in floating point merges large scores into ties
+    (sigmoid(40) == sigmoid(50) == 1.0). The detection metrics depend only on the order of the scores,
+    ties included, and ranks keep it exactly. Takes arrays, lists or tensors (on any device)."""
+    s_in = torch.as_tensor(scores_in, dtype=torch.float64).flatten()
+    s_out = torch.as_tensor(scores_out, dtype=torch.float64, device=s_in.device).flatten()
+    scores = torch.cat([s_in, s_out])
+    rank = torch.unique(scores, sorted=True, return_inverse=True)[1]
+    target = torch.cat([torch.ones_like(s_in, dtype=torch.long), torch.zeros_like(s_out, dtype=torch.long)])
+    return rank.double() / len(scores), target
 
 
 def auroc(scores_in, scores_out):
     """Area under the ROC curve (trapezoids, so ties count one half): the probability that a random
-    in-distribution input scores higher than a random OOD one. 0.5 is chance, 1 perfect."""
-    tp, fp = _roc_points(scores_in, scores_out)
-    tpr = np.r_[0.0, tp / len(scores_in)]
-    fpr = np.r_[0.0, fp / len(scores_out)]
-    return float(np.trapezoid(tpr, fpr))
+    in-distribution input scores higher than a random OOD one. 0.5 is chance, 1 perfect.
+    torchmetrics' binary_auroc (exact, every distinct score a threshold)."""
+    from torchmetrics.functional.classification import binary_auroc
+    return binary_auroc(*_ranks_and_labels(scores_in, scores_out)).item()
 
 
 def aupr_in(scores_in, scores_out):
     """Area under the precision-recall curve with in-distribution as the positive class ("AUPR-In"),
-    as average precision: sum over thresholds of (recall step) * precision. Its chance level is the
-    fraction of in-distribution inputs, so it depends on the sizes of the two sets."""
-    tp, fp = _roc_points(scores_in, scores_out)
-    precision, recall = tp / (tp + fp), tp / len(scores_in)
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    as average precision: sum over thresholds of (recall step) * precision, no interpolation
+    (torchmetrics' binary_average_precision, as scikit-learn's). Its chance level is the fraction of
+    in-distribution inputs, so it depends on the sizes of the two sets."""
+    from torchmetrics.functional.classification import binary_average_precision
+    return binary_average_precision(*_ranks_and_labels(scores_in, scores_out)).item()
 
 
 def fpr_at_tpr(scores_in, scores_out, tpr=0.95):
     """The fraction of OOD inputs accepted at the highest threshold that accepts at least `tpr` of
-    the in-distribution inputs (FPR at 95% TPR; lower is better)."""
-    tp, fp = _roc_points(scores_in, scores_out)
-    first = np.searchsorted(tp / len(scores_in), tpr - 1e-12)  # first threshold reaching tpr
-    return float(fp[first] / len(scores_out))
+    the in-distribution inputs (FPR at 95% TPR; lower is better): a point of the ROC curve, not
+    interpolated between thresholds. From torchmetrics' binary_roc, whose FPR rises with its TPR."""
+    from torchmetrics.functional.classification import binary_roc
+    fpr, tpr_curve, _ = binary_roc(*_ranks_and_labels(scores_in, scores_out))
+    return fpr[tpr_curve >= tpr].min().item()
 
 
 # ---- adversarial robustness ---------------------------------------------------------------------

@@ -73,7 +73,8 @@ def test_auroc_matches_the_rank_reference_with_ties():
     for _ in range(5):
         s_in = rng.integers(0, 12, size=137).astype(float)   # integer scores: many ties
         s_out = rng.integers(-3, 9, size=91).astype(float)
-        assert metrics.auroc(s_in, s_out) == pytest.approx(rank_auroc(s_in, s_out), abs=1e-12)
+        # torchmetrics builds its ROC curve in float32
+        assert metrics.auroc(s_in, s_out) == pytest.approx(rank_auroc(s_in, s_out), abs=1e-6)
     assert metrics.auroc([3.0, 4.0], [1.0, 2.0]) == 1.0
     assert metrics.auroc([1.0, 2.0], [3.0, 4.0]) == 0.0
     assert metrics.auroc([1.0, 1.0], [1.0]) == 0.5
