@@ -1,0 +1,83 @@
+"""The README and docs/ as a user reads them: every documented script answers --help, every flag a
+documented command passes is one the script knows, and every relative link points at a file."""
+import glob
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+DOCS = [os.path.join(REPO, "README.md")] + sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))
+
+
+def shell_lines(path):
+    """The lines of a document's bash blocks (continuation lines joined), then its inline commands
+    (`python ...`)."""
+    text = open(path).read()
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        yield from block.replace("\\\n", " ").splitlines()
+    yield from re.findall(r"`(python [^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+
+
+def documented_commands():
+    """(document, script, flags) for every `python SCRIPT.py ...`, `python -m tools.NAME ...` and
+    torchrun line, with shell variables (R="--preset ...", then $R) expanded; the flags after
+    bench's `--` are train_jem.py's."""
+    found = []
+    for path in DOCS:
+        variables = {}
+        for line in shell_lines(path):
+            line = line.split(" #")[0].strip()
+            variable = re.match(r'^([A-Z]+)="(.*)"$', line)
+            if variable:
+                variables[variable.group(1)] = variable.group(2)
+                continue
+            line = re.sub(r"\$([A-Z]+)\b", lambda m: variables.get(m.group(1), m.group(0)), line)
+            try:
+                words = shlex.split(line)
+            except ValueError:
+                continue
+            for i, word in enumerate(words):
+                if word.endswith(".py") and os.path.isfile(os.path.join(REPO, word)) or \
+                        word == "-m" and i + 1 < len(words) and os.path.isfile(
+                            os.path.join(REPO, words[i + 1].replace(".", "/") + ".py")):
+                    script = words[i + 1].replace(".", "/") + ".py" if word == "-m" else word
+                    rest = words[i + 1:]
+                    mine = rest[:rest.index("--")] if "--" in rest else rest
+                    found.append((path, script, [w.split("=")[0] for w in mine if w.startswith("--")]))
+                    if "--" in rest:  # bench.py passes what follows `--` to train_jem.py
+                        after = rest[rest.index("--") + 1:]
+                        found.append((path, "train_jem.py", [w for w in after if w.startswith("--")]))
+                    break
+    return found
+
+
+def help_text(script):
+    module = ["-m", script[:-3].replace("/", ".")] if script.startswith("tools/") else [script]
+    proc = subprocess.run([sys.executable, *module, "--help"], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 0, f"{script} --help failed: {proc.stderr[-500:]}"
+    return proc.stdout
+
+
+def test_documented_commands_use_real_scripts_and_flags():
+    commands = documented_commands()
+    scripts = {script for _, script, _ in commands}
+    assert {"train_jem.py", "sample.py", "eval_jem.py", "tools/train_classifier.py"} <= scripts
+    helps = {script: help_text(script) for script in scripts}
+    unknown = sorted({(os.path.relpath(path, REPO), script, flag) for path, script, flags in commands
+                      for flag in flags if not re.search(re.escape(flag) + r"\b", helps[script])})
+    assert not unknown, f"documented flags the scripts do not know: {unknown}"
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: os.path.relpath(p, REPO))
+def test_relative_links_resolve(path):
+    text = open(path).read()
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text) + re.findall(r'src="([^"]+)"', text)
+    missing = [l for l in links if "://" not in l
+               and not os.path.exists(os.path.join(os.path.dirname(path), l))]
+    assert not missing, f"{os.path.relpath(path, REPO)} links to missing files: {missing}"
