@@ -5,12 +5,15 @@
 
 Everything after `--` is train_jem.py's own flags (preset, model, batch size, SGLD settings), so
 the benchmark runs the configuration a training run would. A side is "naive" (the official JEM
-code's loop, below) or "lean" (train_jem.py's jem_loss, draw_samples, SGLDSampler and ReplayBuffer)
-with optional fast paths joined by "+": bf16, cl (channels-last), compile, graph (CUDA graphs).
+code's loop, below), "lean" (train_jem.py's jem_loss, draw_samples, SGLDSampler and ReplayBuffer)
+or "loop" (train_jem.py's whole step as its loop runs it: the augmented batch, the learning rate,
+forward_backward, the guard's check and snapshot, the optimizer step), with optional fast paths
+joined by "+": bf16, cl (channels-last), compile, graph (CUDA graphs).
 
 Each side is measured on the same weights and the same synthetic batch (uniform images, random
-labels: speed does not depend on the pixels), interleaved round by round in one process so that
-every side sees the same machine load; the table gives medians over the timed rounds:
+labels: speed does not depend on the pixels), each in its own process, one after another, as it
+would run alone: sides that shared one process slowed each other (WRN-16-4's fp32 side took 13.4
+s/iter beside bf16 and channels-last sides, ~10 alone). The table gives medians over the timed rounds:
   iter      one training iteration: SGLD chains, the loss, backward, the loop's one host sync
             (loss and gradient norm), optimizer step
   sgld      the chain draws alone (buffer draw, K steps, write-back), as in the iteration
@@ -23,9 +26,13 @@ every side sees the same machine load; the table gives medians over the timed ro
 """
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import types
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +40,8 @@ import torch.nn.functional as F
 import train_jem
 from checkpoint import model_kwargs
 from cli import resolve_device
-from data import dataset_info
+from data import JEMData, dataset_info
+from distributed import Ranks
 from models import build_model
 from sgld import ReplayBuffer, SGLDSampler, prepare_model
 
@@ -43,7 +51,7 @@ FAST_PATHS = ("bf16", "cl", "compile", "graph")
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sides", default="naive,lean",
-                   help="comma-separated sides: naive, lean, or lean+FAST+... with FAST in "
+                   help="comma-separated sides: naive, lean, loop, or lean+FAST+... / loop+FAST+... with FAST in "
                         f"{', '.join(FAST_PATHS)}; ratios are against the first (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (compiling, graph capture, caches) (default: %(default)s)")
@@ -136,6 +144,40 @@ class LeanJEM:
         self.optimizer.step()
 
 
+class TrainStep(LeanJEM):
+    """train_jem.py's step end to end, built by its own build_run on synthetic uint8 images: what
+    the training loop does per step beyond jem_loss (augmentation, the learning rate, the guard)."""
+
+    def __init__(self, cfg, info, fast, device):
+        cfg = argparse.Namespace(**{**vars(cfg), "bf16": "bf16" in fast, "channels_last": "cl" in fast,
+                                    "compile": "compile" in fast, "cuda_graph": "graph" in fast})
+        g = torch.Generator().manual_seed(0)
+        n = 4 * cfg.batch_size
+        x = torch.randint(256, (n, info.channels, info.image_size, info.image_size), generator=g,
+                          dtype=torch.uint8).to(device)
+        y = torch.randint(info.n_classes, (n,), generator=g).to(device)
+        self.data = JEMData(info, list(range(info.n_classes)), x, y, torch.arange(n, device=device),
+                            x[:0], y[:0], x[:0], y[:0])
+        torch.manual_seed(cfg.seed)  # the same weights as every other side
+        state, self.net, self.sampler = train_jem.build_run(cfg, info, self.data, train_jem.build_guard(cfg),
+                                                            Ranks(), device, run_dir=None)
+        self.state, self.model, self.buffer, self.cfg, self.info = state, state.model, state.buffer, cfg, info
+        self.state.model.train()
+        self.signals = types.SimpleNamespace(signum=None)  # forward_backward asks if Ctrl-C came: never
+
+    def iteration(self, x_lab=None, y_lab=None, energy_on=True):
+        cfg, state, iters_per_epoch = self.cfg, self.state, len(self.data.train_x) // self.cfg.batch_size
+        batch = train_jem.training_batch(self.data, cfg, self.info, state.step, iters_per_epoch, self.buffer.device)
+        for group in state.optimizer.param_groups:
+            group["lr"] = train_jem.learning_rate(cfg, state.step, iters_per_epoch)
+        metrics, samples, health, stop = train_jem.forward_backward(self.net, self.sampler, state, cfg, batch,
+                                                                    energy_on, self.signals)
+        state.guard.check(health)
+        state.guard.maybe_snapshot(state.step, state.training_state, checkpointed=state.step % cfg.ckpt_every == 0)
+        state.optimizer.step()
+        state.step += 1
+
+
 def floor_sgld(model, x, y, n_steps):
     """K bare input-gradient passes: what any SGLD implementation must compute."""
     x = x.detach().clone().requires_grad_(True)
@@ -176,13 +218,21 @@ def read_peak_mib(device):
         return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
 
 
-def make_side(name, cfg, info, device):
+def parse_side(name, device):
+    """'lean+bf16+cl' -> ('lean', ['bf16', 'cl']); one line and exit for a side that cannot run."""
     kind, *fast = name.split("+")
-    if kind not in ("naive", "lean") or any(f not in FAST_PATHS for f in fast) or (kind == "naive" and fast):
-        raise SystemExit(f"error: unknown side '{name}': naive, lean, or lean+FAST+... with FAST in "
-                         f"{', '.join(FAST_PATHS)}")
+    if kind not in ("naive", "lean", "loop") or any(f not in FAST_PATHS for f in fast) or (kind == "naive" and fast):
+        raise SystemExit(f"error: unknown side '{name}': naive, lean, loop, or lean+FAST+... / loop+FAST+... "
+                         f"with FAST in {', '.join(FAST_PATHS)}")
     if "graph" in fast and device.type != "cuda":
         raise SystemExit("error: the graph fast path needs --device cuda")
+    return kind, fast
+
+
+def make_side(name, cfg, info, device):
+    kind, fast = parse_side(name, device)
+    if kind == "loop":
+        return TrainStep(cfg, info, fast, device)
     torch.manual_seed(cfg.seed)  # every side starts from the same weights
     model = build_model(**model_kwargs(vars(cfg), info)).to(device)
     model = prepare_model(model, "cl" in fast, "bf16" in fast, "inductor" if "compile" in fast else None)
@@ -237,11 +287,26 @@ def bench(args, cfg):
             "cls_s": med["cls"], "energy_s": med["iter"] - med["sgld"] - med["cls"],
             "floor_s": floor, "floor_sgld_s": med["floor_sgld"], "floor_loss_s": med["floor_loss"],
             "overhead": med["iter"] / floor, "sgld_overhead": med["sgld"] / med["floor_sgld"],
-            "peak_mib": peak, "speedup_vs_first": None, "times": times[name]}
+            "peak_mib": peak, "speedup_vs_first": None, "times": times[name], "pid": os.getpid()}
     first = results[names[0]]["s_per_iter"]
     for r in results.values():
         r["speedup_vs_first"] = first / r["s_per_iter"]
     return results
+
+
+def bench_alone(name, args, train_argv):
+    """One side's results from a child process that runs only that side."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/side.json"
+        cmd = [sys.executable, "-m", "tools.bench", "--sides", name, "--device", args.device,
+               "--warmup", str(args.warmup), "--iters", str(args.iters), "--json", out,
+               *(["--threads", str(args.threads)] if args.threads else []), "--", *train_argv]
+        print(f"side {name}: its own process", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            raise SystemExit(f"error: side {name} failed (exit status {proc.returncode})")
+        with open(out) as f:
+            return json.load(f)["results"][name]
 
 
 def table(results, cfg, args):
@@ -264,7 +329,15 @@ def main(argv=None):
     split = argv.index("--") if "--" in argv else len(argv)
     args = build_parser().parse_args(argv[:split])
     cfg, _ = train_jem.resolve_config(argv[split + 1:])
-    results = bench(args, cfg)
+    names = args.sides.split(",")
+    for name in names:
+        parse_side(name, resolve_device(args.device))
+    if len(names) == 1:
+        results = bench(args, cfg)
+    else:  # each side alone in its own process
+        results = {name: bench_alone(name, args, argv[split + 1:]) for name in names}
+        for r in results.values():
+            r["speedup_vs_first"] = results[names[0]]["s_per_iter"] / r["s_per_iter"]
     print(table(results, cfg, args))
     if args.json:
         record = {"bench": vars(args), "config": vars(cfg), "results": results,
