@@ -20,6 +20,27 @@ def resolve_device(name):
     return torch.device(name)
 
 
+def has_fast_bf16(device):
+    """Whether bf16 arithmetic is native here: a CUDA device with bf16 (Ampere and later), or a CPU
+    with AVX-512 BF16 or AMX (oneDNN then runs bf16 convolutions; elsewhere they are emulated and
+    slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:  # not Linux: no way to tell, so not assumed
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(name, device):
+    """--precision auto|fp32|bf16 -> 'fp32' or 'bf16' for this device."""
+    if name == "auto":
+        return "bf16" if has_fast_bf16(device) else "fp32"
+    return name
+
+
 def run(main):
     """Call main(); expected failures become 'error: ...' on stderr and exit status 2."""
     try:

@@ -26,7 +26,7 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from checkpoint import RESUMABLE, CheckpointError, load_resumable, model_kwargs, recorded_config
-from cli import UsageError, run
+from cli import UsageError, resolve_precision, run
 from data import augment, dataset_info, epoch_permutation, load_jem_data, to_float
 from distributed import (Ranks, barrier, check_buffer_split, health_across_ranks, rank_seed, setup,
                          sum_across_ranks, teardown)
@@ -167,8 +167,10 @@ def add_method_flags(p):
                                       "(docs/speed.md says which to use on a GPU)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                    help="model and SGLD chains in the channels-last layout (default: %(default)s)")
-    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
-                   help="network passes under bf16 autocast; logits, losses and SGLD chains stay fp32 (default: %(default)s)")
+    g.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"],
+                   help="of the network passes: bf16 autocast keeps logits, losses and SGLD chains in fp32; "
+                        "auto = bf16 where the device has it natively (CUDA bf16, CPUs with AVX-512 BF16 or "
+                        "AMX), else fp32 (default: %(default)s, until measured equal in results)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model and the whole SGLD step (minutes of compiling first) (default: %(default)s)")
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
@@ -205,6 +207,8 @@ def resolve_config(argv):
             lost = f", {logged - ckpt['step']} steps before the last one logged" if logged > ckpt["step"] else ""
             print(f"resuming from {used} at step {ckpt['step']}{lost}", file=sys.stderr)
         config.update(ckpt["config"])  # parser defaults stay for flags newer than the checkpoint
+        if "bf16" in ckpt["config"]:  # before --precision: --bf16 / --no-bf16
+            config["precision"] = "bf16" if config.pop("bf16") else "fp32"
         for key in ("arch", "depth", "widen", "width", "norm", "dataset"):
             if key in explicit and key in ckpt["config"] and explicit[key] != config[key]:
                 raise CheckpointError(f"'{path}' was trained with {key}={config[key]}; it cannot "
@@ -685,8 +689,9 @@ def build_run(cfg, info, data, guard, ranks, device, run_dir):
     (with the sampler and what the training forward runs: the model, or DDP around it)."""
     n_classes = info.n_classes if cfg.pxy_weight > 0 else None  # class slices for p(x|y) chains
     buffer_size = check_buffer_split(cfg.buffer_size, n_classes, ranks.world, cfg.batch_size)
+    bf16 = resolve_precision(cfg.precision, device) == "bf16"
     model = prepare_model(build_model(**model_kwargs(vars(cfg), info)).to(device), cfg.channels_last,
-                          cfg.bf16, "inductor" if cfg.compile else None)
+                          bf16, "inductor" if cfg.compile else None)
     net = model  # what the training forward runs: under torchrun, DDP averages its gradients
     if ranks.enabled:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

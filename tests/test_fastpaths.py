@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train_jem
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
 from conftest import tiny_run_args
 from models import build_model
 from sgld import ReplayBuffer, SGLDSampler, fit_class_gaussians, prepare_model, step_ramp
@@ -173,17 +173,17 @@ def test_training_with_few_step_and_speed_flags(data_root, tmp_path):
     update count, and stores the flags in the config."""
     train_jem.main(tiny_run_args(data_root, tmp_path, "fast", "--max-iters", 4, "--gaussian-init", 4,
                                  "--grad-clip", 0.01, "--clamp", "--steps-from", 1, "--steps-ramp", 2,
-                                 "--bf16", "--channels-last"))
+                                 "--precision", "bf16", "--channels-last"))
     ckpt = load_checkpoint(str(tmp_path / "ck" / "fast" / "last.pt"))
     assert ckpt["buffer"]["updates"] == 8  # 4 steps x (p(x) + p(x, y) chains)
     assert ckpt["buffer"]["gaussians"]["scale"].shape == (10, 784, 4)
     cfg = ckpt["config"]
-    assert (cfg["gaussian_init"], cfg["grad_clip"], cfg["steps_from"], cfg["bf16"]) == (4, 0.01, 1, True)
+    assert (cfg["gaussian_init"], cfg["grad_clip"], cfg["steps_from"], cfg["precision"]) == (4, 0.01, 1, "bf16")
 
 
 def test_speed_flags_are_off_by_default():
     cfg = train_jem.build_parser().parse_args([])
-    assert not (cfg.bf16 or cfg.compile or cfg.channels_last or cfg.cuda_graph)
+    assert cfg.precision == "fp32" and not (cfg.compile or cfg.channels_last or cfg.cuda_graph)
     assert cfg.gaussian_init == 0 and cfg.grad_clip is None and cfg.steps_from is None
 
 
@@ -208,3 +208,21 @@ def test_cuda_graph_sampler_matches_eager_and_never_syncs():
             p.mul_(1.1)
     eager = SGLDSampler(n_steps=5, noise_std=0.0, clamp=True)(model, x0, y)
     assert (graphed(model, x0, y) - eager).abs().max() < 1e-4
+
+
+def test_precision_auto_follows_the_hardware_and_old_bf16_checkpoints_resume_as_bf16(data_root, tmp_path, monkeypatch):
+    from cli import has_fast_bf16, resolve_precision
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("auto", cpu) == ("bf16" if has_fast_bf16(cpu) else "fp32")
+    import cli
+    monkeypatch.setattr(cli, "has_fast_bf16", lambda device: False)
+    assert resolve_precision("auto", cpu) == "fp32"
+    # a checkpoint written before --precision holds bf16: True; its resume keeps bf16
+    train_jem.main(tiny_run_args(data_root, tmp_path, "old", "--max-iters", 2, "--precision", "bf16"))
+    path = tmp_path / "ck" / "old" / "last.pt"
+    ckpt = load_checkpoint(str(path))
+    config = {k: v for k, v in ckpt["config"].items() if k != "precision"}
+    save_checkpoint({**ckpt, "config": {**config, "bf16": True}}, str(path))
+    cfg, _ = train_jem.resolve_config(["--run-name", "old", "--resume", "--ckpt-root", str(tmp_path / "ck")])
+    assert cfg.precision == "bf16" and not hasattr(cfg, "bf16")

@@ -149,7 +149,7 @@ class TrainStep(LeanJEM):
     the training loop does per step beyond jem_loss (augmentation, the learning rate, the guard)."""
 
     def __init__(self, cfg, info, fast, device):
-        cfg = argparse.Namespace(**{**vars(cfg), "bf16": "bf16" in fast, "channels_last": "cl" in fast,
+        cfg = argparse.Namespace(**{**vars(cfg), "precision": "bf16" if "bf16" in fast else "fp32", "channels_last": "cl" in fast,
                                     "compile": "compile" in fast, "cuda_graph": "graph" in fast})
         g = torch.Generator().manual_seed(0)
         n = 4 * cfg.batch_size

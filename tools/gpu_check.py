@@ -114,7 +114,7 @@ def main(argv=None):
                  "--n-steps", "2", "--pretrain-epochs", "0", "--train-subset", "160"]
     else:
         model_flags = ["--preset", "cifar10-paper"]
-        probe = ["--preset", "cifar10-paper", "--bf16", "--channels-last"]
+        probe = ["--preset", "cifar10-paper", "--precision", "bf16", "--channels-last"]
     sides, compile_side = ["lean", "lean+bf16+cl"], None
     if device.type == "cuda":
         sides.append("lean+bf16+cl+graph")
