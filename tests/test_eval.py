@@ -15,8 +15,7 @@ from cli import run
 from conftest import run_script, tiny_run_args
 from data import dataset_info
 from models.energy import energy_from_logits
-from models.judge import JudgeCNN
-from models.judge import JUDGE_ARCH
+from models.judge import JUDGE_ARCH, JudgeCNN
 
 
 # ---- calibration ----------------------------------------------------------------------------------
