@@ -6,6 +6,7 @@ step, model, optimizer, buffer, rng, best_valid_acc, and a checksum of the rest 
 """
 import os
 import pickle
+import shutil
 import tempfile
 import zlib
 
@@ -55,8 +56,8 @@ def checksum(obj):
 def save_atomic(obj, path, rotate_to=None):
     """Write to a temp file in the same directory, fsync, then rename: a reader (or a crash at any
     moment) sees the old file or the new one, never half of one. A write that fails (disk full)
-    leaves no temp file and the old file untouched. With rotate_to, the old file is first renamed
-    there, so the previous checkpoint survives beside the new one."""
+    leaves no temp file and the old file untouched. With rotate_to, the old file is first kept
+    there too, so the previous checkpoint survives beside the new one."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
     try:
@@ -69,12 +70,28 @@ def save_atomic(obj, path, rotate_to=None):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
         if rotate_to and os.path.exists(path):
-            os.replace(path, rotate_to)
+            _keep_as(path, rotate_to)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _keep_as(path, copy_path):
+    """Make copy_path hold path's file, atomically, while path keeps it: a hard link (a copy where
+    the filesystem has none). Renaming path away instead left a moment with no last.pt at all, and
+    a kill -9 there (the kill test caught one) left a run whose last.pt was gone."""
+    if os.path.exists(copy_path) and os.path.samefile(path, copy_path):
+        return  # already the same file (a write was cut short after keeping it); a rename would be a no-op
+    tmp = copy_path + ".tmp"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, copy_path)
 
 
 def _os_error_behind(e):

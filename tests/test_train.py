@@ -376,3 +376,29 @@ def test_config_records_only_the_settings_that_apply(data_root, tmp_path):
     train_jem.main(["--run-name", "cfg", "--resume", "--ckpt-root", str(tmp_path / "ck"),
                     "--max-iters", "3", "--depth", "16"])
     assert load_checkpoint(str(tmp_path / "ck" / "cfg" / "last.pt"))["step"] == 3
+
+
+def test_rotation_never_leaves_a_moment_without_last_pt(tmp_path, monkeypatch):
+    """A kill between keeping the old last.pt as prev.pt and putting the new one in place must
+    leave last.pt holding the old checkpoint (it was once renamed away, and a kill -9 there left
+    the run without last.pt)."""
+    last, prev = str(tmp_path / "last.pt"), str(tmp_path / "prev.pt")
+    def ckpt(step):
+        return {"format_version": FORMAT_VERSION, "config": {}, "step": step}
+
+    save_checkpoint(ckpt(1), last)
+    real_replace = os.replace
+
+    def killed_before_the_new_file_lands(src, dst):
+        if dst == last:
+            raise KeyboardInterrupt  # as a SIGKILL at that moment: nothing after it runs
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_before_the_new_file_lands)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(ckpt(2), last, rotate_to=prev)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert load_checkpoint(last)["step"] == 1 and load_checkpoint(prev)["step"] == 1
+    save_checkpoint(ckpt(2), last, rotate_to=prev)
+    assert load_checkpoint(last)["step"] == 2 and load_checkpoint(prev)["step"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "prev.pt"]  # no temp file left
