@@ -40,7 +40,7 @@ from tqdm import tqdm  # noqa: E402
 import metrics  # noqa: E402
 from checkpoint import load_checkpoint, load_judge, model_from_checkpoint, sgld_step_rule  # noqa: E402
 from cli import UsageError, resolve_device, run  # noqa: E402
-from data import DATASETS, DataError, dataset_info, load_split, to_float, to_uint8  # noqa: E402
+from data import DATASETS, DataError, dataset_info, load_split, to_float  # noqa: E402
 from inception import InceptionFeatures, inception_features, inception_scores  # noqa: E402
 from sgld import ReplayBuffer, SGLDSampler, class_conditional_samples  # noqa: E402
 

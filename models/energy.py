@@ -5,7 +5,6 @@ With logits f(x), p(x, y) = exp(f(x)[y]) / Z and p(x) = sum_y exp(f(x)[y]) / Z, 
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 def make_norm(kind, channels):

@@ -17,7 +17,7 @@ from PIL import Image
 
 from checkpoint import load_judge
 from cli import resolve_device, run
-from data import DataError, dataset_info, to_float
+from data import DataError, to_float
 
 
 def build_parser():
