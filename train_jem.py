@@ -77,6 +77,9 @@ def add_run_flags(p):
     g.add_argument("--log-every", type=int, default=50, help="steps between metric lines (default: %(default)s)")
     g.add_argument("--eval-every", type=int, default=500, help="steps between validations and best.pt (default: %(default)s)")
     g.add_argument("--ckpt-every", type=int, default=500, help="steps between last.pt writes (default: %(default)s)")
+    g.add_argument("--keep-every", type=int, default=0,
+                   help="also keep the run every this many steps as history/step_NNNNNNN.pt, the points of "
+                        "tools/plot_run.py's curves; 0 = none (default: %(default)s)")
     g.add_argument("--sample-every", type=int, default=1000, help="steps between sample grids (and one at the end); 0 = none (default: %(default)s)")
     g.add_argument("--max-eval", type=int, help="evaluate on at most this many validation / test images (smoke runs)")
     g = p.add_argument_group("recovery from divergence (see recovery.py)")
@@ -468,7 +471,7 @@ def open_run_dirs(cfg, run_dir, sample_dir, ranks=Ranks()):
             for name in ("metrics.jsonl", "config.json"):
                 if os.path.exists(os.path.join(run_dir, name)):
                     os.remove(os.path.join(run_dir, name))
-        os.makedirs(run_dir, exist_ok=True)
+        os.makedirs(os.path.join(run_dir, "history") if cfg.keep_every else run_dir, exist_ok=True)
         os.makedirs(sample_dir, exist_ok=True)
 
 
@@ -663,6 +666,8 @@ def train(cfg, ckpt, ranks, device):
                 validate(state, *valid, metrics, epoch, log)
             if step % cfg.ckpt_every == 0 or step == total or stop:
                 state.save_last()
+            if cfg.keep_every and step % cfg.keep_every == 0:
+                state.save(os.path.join("history", f"step_{step:07d}.pt"))
             if ranks.main and cfg.sample_every and (step % cfg.sample_every == 0 or step == total):
                 save_sample_grid(state.model, sampler, state.buffer, info.n_classes,
                                  os.path.join(sample_dir, f"step_{step:07d}.png"), device)

@@ -1,5 +1,7 @@
 """metrics.py against known answers, and eval_jem.py as a user runs it on a tiny checkpoint."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import metrics
 import train_jem
 from checkpoint import FORMAT_VERSION, save_atomic
 from cli import run
-from conftest import run_script, tiny_run_args
+from conftest import REPO, run_script, tiny_run_args
 from data import dataset_info
 from models.energy import energy_from_logits
 from models.judge import JUDGE_ARCH, JudgeCNN
@@ -225,6 +227,35 @@ def test_a_checkpoints_figures_do_not_depend_on_the_rest_of_the_call(tiny, data_
     both = json.load(open(tmp_path / "both" / "samples.json"))["models"]["b"]["fresh"]
     alone = json.load(open(tmp_path / "alone" / "samples.json"))["models"]["b"]["fresh"]
     assert both["fid_judge"] == alone["fid_judge"] and both["judge_acc"] == alone["judge_acc"]
+
+
+def test_kept_history_gives_curves_of_accuracy_samples_and_gap(data_root, tmp_path):
+    """--keep-every keeps the run at those steps; plot_run reads them back as one curve, with the
+    saved-buffer scores and the gap the run logged at each of them."""
+    train_jem.main(tiny_run_args(data_root, tmp_path, "h", "--max-iters", "6", "--keep-every", "2"))
+    run_dir = tmp_path / "ck" / "h"
+    kept = sorted((run_dir / "history").glob("*.pt"))
+    assert [p.name for p in kept] == ["step_0000002.pt", "step_0000004.pt", "step_0000006.pt"]
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    at_6 = torch.load(kept[-1], weights_only=True)
+    assert at_6["step"] == 6 and all(torch.equal(at_6["model"][k], v) for k, v in last["model"].items())
+    assert torch.equal(at_6["buffer"]["x"], last["buffer"]["x"])
+    judge = tmp_path / "judge.pt"
+    save_atomic({"format_version": FORMAT_VERSION, "config": {"arch": JUDGE_ARCH, "dataset": "mnist", "width": 4},
+                 "model": JudgeCNN(1, 10, 28, width=4).state_dict()}, str(judge))
+    args = ["--ckpt", *kept, "--judge", judge, "--data-root", data_root, "--n-test", 50, "--n-samples", 40,
+            "--sample-steps", 2, "--device", "cpu", "--out", tmp_path / "c"]
+    r = subprocess.run([sys.executable, "-m", "tools.plot_run", *map(str, args)], capture_output=True, text=True,
+                       timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    curves = json.load(open(tmp_path / "c" / "run_curves.json"))["runs"]
+    (points,) = curves.values()
+    logged = {m["step"]: m["gap"] for m in map(json.loads, open(run_dir / "metrics.jsonl")) if m.get("kind") == "train"}
+    assert [p["step"] for p in points] == [2, 4, 6]
+    assert [p["gap"] for p in points] == [logged[2], logged[4], logged[6]]
+    for p in points:
+        assert np.isfinite(p["buffer_fid_judge"]) and 0 <= p["buffer_judge_acc"] <= 1 and 0 <= p["acc"] <= 1
+    assert (tmp_path / "c" / "run_curves.png").stat().st_size > 1000
 
 
 def one_line_error(r, message):

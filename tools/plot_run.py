@@ -1,13 +1,15 @@
-"""Plot test accuracy, FID and Inception Score over a run's saved checkpoints (one line per run).
+"""Plot test accuracy, sample quality and the energy gap over a run's saved checkpoints (one line per run).
 
-    python -m tools.plot_run --ckpt checkpoints/mnist-baseline/history/*.pt checkpoints/mnist/best.pt \\
-        checkpoints/mnist/last.pt --out results/run-curves
+    python train_jem.py --preset mnist-cpu --data-root ../shared/data --run-name mnist --keep-every 500
+    python -m tools.plot_run --ckpt checkpoints/mnist/history/*.pt --out results/mnist-curves
 
-train_jem.py keeps only last.pt and best.pt; for a curve, copy last.pt aside every few steps (or train
-in stages with --max-iters and --resume, which is bit-exact). Checkpoints are grouped by the run name in
-their config and ordered by step. Each point: accuracy on --n-test test images, and FID / IS (judge
-features, as eval_jem.py's samples mode) of --n-samples fresh class-conditional samples from uniform
-noise after --sample-steps SGLD steps. Writes OUT/run_curves.json and OUT/run_curves.png.
+`--keep-every N` makes train_jem.py keep the run every N steps as history/step_NNNNNNN.pt.
+Checkpoints are grouped by the run name in their config and ordered by step. Each point: accuracy on
+--n-test test images; judge FID and judge accuracy (judge features, as eval_jem.py's samples mode)
+of --n-samples fresh class-conditional samples from uniform noise after --sample-steps SGLD steps,
+and of as many chains of the replay buffer saved in the checkpoint; and the energy gap
+E(data) - E(samples) that the run logged nearest that step (its metrics.jsonl, when beside the
+checkpoint or its history/ folder). Writes OUT/run_curves.json and OUT/run_curves.png.
 """
 import argparse
 import json
@@ -24,8 +26,8 @@ from tqdm import tqdm  # noqa: E402
 import metrics  # noqa: E402
 from cli import UsageError, resolve_device, run  # noqa: E402
 from data import load_split  # noqa: E402
-from eval_jem import (NOISE_START_STEPS, Evaluated, images_to_float, judge_path_for, judge_scores,  # noqa: E402
-                      load_judge_for, predict, subset)
+from eval_jem import (NOISE_START_STEPS, Evaluated, buffer_images, images_to_float, judge_path_for,  # noqa: E402
+                      judge_scores, load_judge_for, predict, subset)
 from sgld import class_conditional_samples  # noqa: E402
 
 
@@ -43,6 +45,25 @@ def build_parser():
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     return p
+
+
+def logged_gaps(ckpt_path):
+    """{step: energy gap} of the train lines in the run's metrics.jsonl, or {} where there is none."""
+    folder = os.path.dirname(os.path.abspath(ckpt_path))
+    if os.path.basename(folder) == "history":
+        folder = os.path.dirname(folder)
+    path = os.path.join(folder, "metrics.jsonl")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return {r["step"]: r["gap"] for r in records if r.get("kind") == "train" and "gap" in r}
+
+
+def gap_at(gaps, step):
+    """The gap logged at the last logged step not after `step` (None before the first)."""
+    before = [s for s in gaps if s <= step]
+    return gaps[max(before)] if before else None
 
 
 def main(argv=None):
@@ -67,30 +88,43 @@ def main(argv=None):
         y = torch.arange(args.n_samples, device=device) % info.n_classes
         fake = class_conditional_samples(m.model, m.sampler, y, shape, None, args.batch_size,
                                          n_steps=args.sample_steps, device=device)
+        xb, yb = buffer_images(m, args.n_samples, torch.Generator().manual_seed(args.seed))
+        buffer = judge_scores(judge, real, xb.to(device), None if yb is None else yb.to(device), args.batch_size)
         point = {"ckpt": m.path, "step": m.ckpt["step"], "kind": m.kind,
                  "acc": metrics.accuracy(predict(m.model, x_test[:args.n_test], args.batch_size), y_test[:args.n_test]),
-                 **judge_scores(judge, real, fake, y, args.batch_size)}
+                 **judge_scores(judge, real, fake, y, args.batch_size),
+                 "buffer_fid_judge": buffer["fid_judge"], "buffer_judge_acc": buffer.get("judge_acc"),
+                 "gap": gap_at(logged_gaps(m.path), m.ckpt["step"])}
         runs[f"{m.cfg['run_name']} ({m.kind})"].append(point)
 
     os.makedirs(args.out, exist_ok=True)
     protocol = {"n_test": args.n_test, "n_samples": args.n_samples, "init": "uniform noise",
-                "sample_steps": args.sample_steps, "features": "judge penultimate (FID), judge softmax (IS)"}
+                "sample_steps": args.sample_steps, "features": "judge penultimate (FID), judge softmax (IS)",
+                "buffer": f"{args.n_samples} random chains of the checkpoint's saved replay buffer, as they are",
+                "gap": "E(data) - E(samples) of the last train line logged at or before the checkpoint's step"}
     with open(os.path.join(args.out, "run_curves.json"), "w") as f:
         json.dump({"protocol": protocol, "runs": runs}, f, indent=2)
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
-    for name, points in runs.items():
-        steps = [p["step"] for p in points]
-        for ax, key in zip(axes, ("acc", "fid_judge", "is_judge", "judge_acc")):
-            ax.plot(steps, [p[key] for p in points], "-o", label=name)
-    titles = ("test accuracy", "FID (judge features; lower is better)", "IS (judge; higher is better)",
-              "judge accuracy on samples")
+    nan = float("nan")  # a point without a value (no class slices, no log) is a gap in its line
+    for i, (name, points) in enumerate(runs.items()):
+        points = [{k: nan if v is None else v for k, v in p.items()} for p in points]
+        steps, color = [p["step"] for p in points], f"C{i}"
+        axes[0].plot(steps, [p["acc"] for p in points], "-o", color=color, label=name)
+        for ax, key in ((axes[1], "fid_judge"), (axes[2], "judge_acc")):  # fresh solid, buffer dashed
+            ax.plot(steps, [p[key] for p in points], "-o", color=color, label=f"{name}, fresh from noise")
+            ax.plot(steps, [p[f"buffer_{key}"] for p in points], "--s", color=color, label=f"{name}, saved buffer")
+        axes[3].plot(steps, [p["gap"] for p in points], "-o", color=color, label=name)
+    titles = ("test accuracy", "FID (judge features; lower is better)", "judge accuracy on samples",
+              "energy gap E(data) - E(samples) (logged)")
     for ax, title in zip(axes, titles):
         ax.set(xlabel="training step", title=title)
         ax.grid(alpha=0.3)
     axes[1].set_yscale("log")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{args.n_samples} fresh class-conditional samples per checkpoint, {args.sample_steps} "
-                 f"SGLD steps from uniform noise", fontsize=9)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"{args.n_samples} fresh class-conditional samples per checkpoint ({args.sample_steps} "
+                 f"SGLD steps from uniform noise, solid) and {args.n_samples} saved buffer chains (dashed)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "run_curves.png"), dpi=110)
     print(f"wrote {os.path.join(args.out, 'run_curves.png')}")
