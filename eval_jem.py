@@ -459,7 +459,12 @@ def judge_scores(judge, real, fake, y_fake, batch_size):
     is_mean, is_std = inception.compute()
     out = {"fid_judge": fid.compute().item(), "is_judge": is_mean.item(), "is_judge_std": is_std.item()}
     if y_fake is not None:
-        out["judge_acc"] = (predict(judge, fake, batch_size).argmax(1) == y_fake).float().mean().item()
+        logits = predict(judge, fake, batch_size)
+        right = (logits.argmax(1) == y_fake).float()
+        out["judge_acc"] = right.mean().item()
+        # per class too: a class whose chains stay textures hides in the mean
+        out["judge_acc_per_class"] = [right[y_fake == c].mean().item() if (y_fake == c).any() else None
+                                      for c in range(logits.shape[1])]
     return out
 
 

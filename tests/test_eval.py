@@ -227,6 +227,9 @@ def test_a_checkpoints_figures_do_not_depend_on_the_rest_of_the_call(tiny, data_
     both = json.load(open(tmp_path / "both" / "samples.json"))["models"]["b"]["fresh"]
     alone = json.load(open(tmp_path / "alone" / "samples.json"))["models"]["b"]["fresh"]
     assert both["fid_judge"] == alone["fid_judge"] and both["judge_acc"] == alone["judge_acc"]
+    per_class = both["judge_acc_per_class"]  # 30 samples, classes in turn: 3 of each
+    assert len(per_class) == 10 and abs(sum(per_class) / 10 - both["judge_acc"]) < 1e-6
+    assert all(abs(3 * a - round(3 * a)) < 1e-6 for a in per_class)  # k of 3 right
 
 
 def test_kept_history_gives_curves_of_accuracy_samples_and_gap(data_root, tmp_path):
