@@ -166,14 +166,14 @@ def add_method_flags(p):
                    help="step-count schedule: K0 SGLD steps when the energy terms switch on, growing linearly "
                         "to --n-steps over --steps-ramp iterations (default: off, always --n-steps)")
     g.add_argument("--steps-ramp", type=int, default=1000, help="iterations of the --steps-from ramp (default: %(default)s)")
-    g = p.add_argument_group("speed", "fast paths; all off by default, since each changes the arithmetic a little "
-                                      "(docs/speed.md says which to use on a GPU)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+    g = p.add_argument_group("speed", "fast paths: bf16 where native and channels-last are on by default, measured "
+                                      "equal in results to fp32 (docs/speed.md); compile and CUDA graphs are opt-in")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="model and SGLD chains in the channels-last layout (default: %(default)s)")
-    g.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"],
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="of the network passes: bf16 autocast keeps logits, losses and SGLD chains in fp32; "
                         "auto = bf16 where the device has it natively (CUDA bf16, CPUs with AVX-512 BF16 or "
-                        "AMX), else fp32 (default: %(default)s, until measured equal in results)")
+                        "AMX), else fp32 (default: %(default)s)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model and the whole SGLD step (minutes of compiling first) (default: %(default)s)")
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
@@ -487,7 +487,9 @@ def print_header(cfg, data, model, device, run_dir, sample_dir, iters_per_epoch,
     print(f"run {cfg.run_name}: device {device}{threads}, torch {torch.__version__}\n"
           f"data {cfg.dataset} from {cfg.data_root}: {len(data.train_y):,} train, {len(data.valid_y):,} "
           f"validation, {len(data.test_y):,} test\n"
-          f"model {arch}, norm {cfg.norm}: {n_params / 1e6:.2f}M parameters\n"
+          f"model {arch}, norm {cfg.norm}: {n_params / 1e6:.2f}M parameters; "
+          f"{resolve_precision(cfg.precision, device)} ({cfg.precision}), "
+          f"{'channels-last' if cfg.channels_last else 'contiguous'} layout\n"
           + textwrap.fill(f"settings ({'preset ' + cfg.preset if cfg.preset else 'no --preset: the paper CIFAR-10 run'}"
                           f"), where they differ from the defaults: {' '.join(changed) or 'nowhere'}",
                           width=100, subsequent_indent="    ") + "\n"

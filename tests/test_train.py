@@ -12,6 +12,7 @@ import torch
 import train_jem
 from checkpoint import (FORMAT_VERSION, CheckpointError, load_checkpoint, model_from_checkpoint,
                         model_kwargs, recorded_config, save_atomic, save_checkpoint)
+from cli import resolve_precision
 from data import dataset_info, load_jem_data
 from conftest import REPO, local_mnist_mirror, run_script, tiny_run_args
 
@@ -163,6 +164,8 @@ def test_the_run_talks_and_resuming_a_finished_run_does_nothing(data_root, tmp_p
     head = r.stdout.splitlines()
     assert head[0].startswith("run talk: device cpu") and "160 train, 50 validation, 400 test" in head[1]
     assert "small ResNet width 4" in head[2] and "parameters" in head[2]
+    # what --precision auto became here, said before the first step
+    assert f"{resolve_precision('auto', torch.device('cpu'))} (auto), channels-last layout" in head[2]
     assert "no --preset" in head[3] and "checkpoints in" in r.stdout
     assert "speed:" in r.stdout and "s/step in the JEM phase" in r.stdout
     assert "step 4: validation accuracy" in r.stdout and "energy gap" in r.stdout
