@@ -66,7 +66,8 @@ def test_two_ranks_train_resume_exactly_and_reshard_to_one(data_root, tmp_path):
 
 def test_two_ranks_give_the_update_of_one_process_with_twice_the_batch(data_root, tmp_path):
     """Energy terms off: DDP's gradient average over 2 x batch 8 is the gradient of batch 16."""
-    common = ["--px-weight", "0", "--pxy-weight", "0", "--max-iters", "3", "--eval-every", "100"]
+    common = ["--px-weight", "0", "--pxy-weight", "0", "--max-iters", "3", "--eval-every", "100",
+              "--precision", "fp32"]  # bf16 rounds the two batch splits differently
     r = torchrun(2, *tiny_run_args(data_root, tmp_path, "two", *common, "--batch-size", "8"))
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_script("train_jem.py", *tiny_run_args(data_root, tmp_path, "one", *common, "--batch-size", "16"))
@@ -74,7 +75,10 @@ def test_two_ranks_give_the_update_of_one_process_with_twice_the_batch(data_root
     two = load_checkpoint(str(tmp_path / "ck" / "two" / "last.pt"))["model"]
     one = load_checkpoint(str(tmp_path / "ck" / "one" / "last.pt"))["model"]
     for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+        # summation order differs (two half-batch means vs one mean), and Adam's g / sqrt(v) blows such
+        # differences up for weights with near-zero gradients: 1.6e-5 seen on one CI machine in fp32.
+        # Still 10x under what the half batch below moves.
+        torch.testing.assert_close(two[key], one[key], rtol=1e-3, atol=1e-4)
     # and the comparison can fail: one process with only the first rank's half of the batch
     r = run_script("train_jem.py", *tiny_run_args(data_root, tmp_path, "half", *common, "--batch-size", "8"))
     half = load_checkpoint(str(tmp_path / "ck" / "half" / "last.pt"))["model"]

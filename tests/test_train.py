@@ -249,7 +249,9 @@ def test_silu_model_trains_and_replays_from_its_checkpoint(data_root, tmp_path):
 def test_sigterm_inside_a_slow_step_stops_at_once_and_resumes_exactly(data_root, tmp_path):
     """A step of thousands of SGLD steps (as WRN-28-10 on a CPU: minutes) is stopped half way: the
     run saves the state before that step, and resuming it gives the uninterrupted run bit for bit."""
-    slow = ["--n-steps", 200, "--ckpt-every", 1, "--eval-every", 100000, "--log-every", 1]
+    # 600 steps: several seconds a step even on a fast CPU, far above the ~1 s a process takes to save
+    # and exit (200 steps took 0.8 s on one CI machine, where stopping at once then took 0.9 s)
+    slow = ["--n-steps", 600, "--ckpt-every", 1, "--eval-every", 100000, "--log-every", 1]
     args = tiny_run_args(data_root, tmp_path, "slow", *slow)
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train_jem.py"), *args],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
