@@ -281,3 +281,23 @@ def test_bad_input_gives_one_line_errors(tiny, tmp_path, capsys):
     assert "unknown OOD set 'celeba'" in error_of("--ckpt", ckpt, "--mode", "ood", "--ood", "svhn", "celeba")
     assert "in-distribution" in error_of("--ckpt", ckpt, "--mode", "ood", "--ood", "mnist")
     assert "needs a judge" in error_of("--ckpt", ckpt, "--mode", "samples", "--judge", tmp_path / "no.pt")
+
+
+def test_compare_runs_gives_the_time_per_step_without_start_up_and_evaluations(tmp_path):
+    """0.3 s a step, logged every 5 steps with elapsed_s rounded as train_jem writes it; 4 s of
+    start-up before the first line and a 10 s evaluation after step 50 must not count."""
+    run_dir = tmp_path / "fast"
+    run_dir.mkdir()
+    lines, t = [], 4.0
+    for step in range(5, 205, 5):
+        t += 5 * 0.3 + (10.0 if step == 55 else 0.0)
+        lines.append({"step": step, "kind": "train", "elapsed_s": round(t, 1), "loss": 1.0, "acc": 0.5})
+        if step == 50:
+            lines.append({"step": step, "kind": "valid", "valid_acc": 0.9, "elapsed_s": round(t, 1)})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    from tools.compare_runs import seconds_per_step
+    assert seconds_per_step(lines) == pytest.approx(0.3, rel=0.01)
+    r = subprocess.run([sys.executable, "-m", "tools.compare_runs", str(run_dir)], capture_output=True,
+                       text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert "| fast | 0.300 |" in r.stdout

@@ -1,5 +1,5 @@
-"""Compare training runs from their metrics.jsonl: a table of windowed train loss / accuracy and the
-validation accuracy, and the curves as a PNG.
+"""Compare training runs from their metrics.jsonl: a table of windowed train loss / accuracy, the
+validation accuracy and the seconds per training step, and the curves as a PNG.
 
     python -m tools.compare_runs checkpoints/one-rank checkpoints/two-ranks checkpoints/one-rank-seed2 \
         --window 100 --plot samples/ranks.png
@@ -7,6 +7,7 @@ validation accuracy, and the curves as a PNG.
 import argparse
 import json
 import os
+import statistics
 
 import matplotlib
 matplotlib.use("Agg")
@@ -33,6 +34,20 @@ def windows(records, key, width):
     return {end: sum(v) / len(v) for end, v in sorted(out.items())}
 
 
+def seconds_per_step(records):
+    """Training time per step from the train lines' elapsed_s: the interval after the first line
+    (start-up, first-call compilation) is left out, and so is any interval over 1.5x the median rate
+    (one that held an evaluation or a checkpoint); the rest are pooled, so that elapsed_s's rounding
+    to 0.1 s cancels out instead of quantising each interval. None with fewer than two intervals."""
+    train = [(r["step"], r["elapsed_s"]) for r in records if r["kind"] == "train" and "elapsed_s" in r]
+    spans = [(s1 - s0, t1 - t0) for (s0, t0), (s1, t1) in zip(train[1:], train[2:]) if s1 > s0]
+    if len(spans) < 2:
+        return None
+    typical = statistics.median(dt / ds for ds, dt in spans)
+    kept = [(ds, dt) for ds, dt in spans if dt / ds <= 1.5 * typical]
+    return sum(dt for _, dt in kept) / sum(ds for ds, _ in kept)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders holding metrics.jsonl")
@@ -53,6 +68,11 @@ def main(argv=None):
     print("| step | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
     for s in sorted(set().union(*valid.values())):
         print(f"| {s} | " + " | ".join(f"{valid[n][s]:.4f}" if s in valid[n] else "-" for n in names) + " |")
+    print("\nseconds per training step (evaluations and checkpoints left out)\n")
+    print("| run | s/step |\n|---|---|")
+    for n, recs in runs.items():
+        rate = seconds_per_step(recs)
+        print(f"| {n} | " + ("-" if rate is None else f"{rate:.3f}") + " |")
     if args.plot:
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
         for n in names:
