@@ -216,8 +216,9 @@ def epoch_permutation(n, seed, epoch, device):
     return torch.randperm(n, generator=g).to(device)
 
 
-def augment(x, pad=4, flip=True, sigma=0.03, generator=None):
-    """JEM's training transform on a float batch in [-1, 1]: reflect-pad + crop, flip, + noise.
+def augment(x, pad=4, flip=True, sigma=0.03, clamp=False, generator=None):
+    """JEM's training transform on a float batch in [-1, 1]: reflect-pad + crop, flip, + noise,
+    then with `clamp` back into [-1, 1], the box that clamped SGLD chains live in.
 
     Runs on the batch's device with `generator` (one on that device), else the global torch RNG.
     """
@@ -236,4 +237,6 @@ def augment(x, pad=4, flip=True, sigma=0.03, generator=None):
         x = torch.where(flipped, x.flip(3), x)
     if sigma > 0:
         x = x + sigma * torch.randn(x.shape, dtype=x.dtype, **g)
+    if clamp:
+        x = x.clamp(-1.0, 1.0)
     return x.contiguous()

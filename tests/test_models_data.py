@@ -74,6 +74,13 @@ def test_augment_crops_flips_and_adds_noise():
     assert 0.3 < flipped.float().mean() < 0.7
     noisy = augment(x, pad=0, flip=False, sigma=0.03)
     assert abs((noisy - x).std().item() - 0.03) < 0.002
+    assert noisy.min() < -1 and noisy.max() > 1  # the ramp's ends pushed out of the box by noise
+    boxed = augment(x, pad=0, flip=False, sigma=0.03, clamp=True)
+    assert boxed.min() == -1 and boxed.max() == 1  # back in the box clamped SGLD chains live in
+    same = augment(x, pad=0, flip=False, sigma=0.03, generator=torch.Generator().manual_seed(5))
+    same_boxed = augment(x, pad=0, flip=False, sigma=0.03, clamp=True, generator=torch.Generator().manual_seed(5))
+    inside = same.abs() <= 1
+    assert torch.equal(same_boxed[inside], same[inside])  # only what left the box changed
 
 
 def test_epoch_permutation_is_reproducible():
