@@ -15,7 +15,7 @@ import train_jem
 from checkpoint import FORMAT_VERSION, save_atomic
 from cli import run
 from conftest import REPO, run_script, tiny_run_args
-from data import dataset_info
+from data import dataset_info, load_split
 from models.energy import energy_from_logits
 from models.judge import JUDGE_ARCH, JudgeCNN
 
@@ -259,6 +259,34 @@ def test_kept_history_gives_curves_of_accuracy_samples_and_gap(data_root, tmp_pa
     for p in points:
         assert np.isfinite(p["buffer_fid_judge"]) and 0 <= p["buffer_judge_acc"] <= 1 and 0 <= p["acc"] <= 1
     assert (tmp_path / "c" / "run_curves.png").stat().st_size > 1000
+
+
+def test_probe_energy_scores_the_test_images_and_the_saved_chains(tiny, data_root, tmp_path):
+    """tools.probe_energy as a user runs it: its rows are the energies and pixels of the very test
+    images and buffer chains it names, each continued chain row follows on from the one before, and
+    bad input is one line."""
+    ckpt, _ = tiny
+    args = ["--ckpt", ckpt, "--data-root", data_root, "--n", 20, "--device", "cpu", "--out", tmp_path / "p.json"]
+    r = subprocess.run([sys.executable, "-m", "tools.probe_energy", *map(str, args), "--steps", "2", "5"],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    rows = json.load(open(tmp_path / "p.json"))["rows"]
+    assert [name.split(" (")[0] for name in rows] == [
+        "test images", "test images + training noise", "saved chains", "saved chains + 2 SGLD steps",
+        "saved chains + 5 SGLD steps", "test images + 2 SGLD steps", "test images + 5 SGLD steps"]
+    m = eval_jem.Evaluated(str(ckpt), None, "cpu")
+    x_np, y_np, _ = load_split("mnist", "test", data_root)
+    keep = eval_jem.subset(len(x_np), 20, 0).numpy()
+    y = torch.from_numpy(y_np[keep]).long() if m.ckpt["buffer"]["n_classes"] else None
+    with torch.no_grad():
+        e = energy_from_logits(m.model(eval_jem.images_to_float(x_np[keep], "cpu")), y)
+    assert abs(rows["test images"]["energy_mean"] - e.mean().item()) < 1e-4
+    chains, _ = eval_jem.buffer_images(m, 20, torch.Generator().manual_seed(0))
+    assert abs(rows["saved chains"]["pixel_mean"] - chains.mean().item()) < 1e-6
+    assert rows["saved chains + 2 SGLD steps"] != rows["saved chains + 5 SGLD steps"]
+    bad = subprocess.run([sys.executable, "-m", "tools.probe_energy", *map(str, args), "--steps", "0"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert one_line_error(bad, "--steps"), bad.stderr
 
 
 def one_line_error(r, message):
