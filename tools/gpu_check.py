@@ -74,7 +74,9 @@ def bench_steps(args, model_flags, sides, compile_side):
     for k, names, limit in runs:
         cmd = [sys.executable, "-m", "tools.bench", "--device", args.device, "--sides", ",".join(names),
                "--warmup", "2", "--iters", "3" if args.quick else "5", "--", *model_flags, "--n-steps", str(k)]
-        run_step(f"bench, K={k}", cmd, timeout=60 if args.quick else limit)
+        # --quick is the CPU test's tiny model (~25 s a bench alone); its limit only catches a hang,
+        # and a CI machine busy with other jobs took over 60 s
+        run_step(f"bench, K={k}", cmd, timeout=180 if args.quick else limit)
 
 
 def training_probe(args, device, flags):
