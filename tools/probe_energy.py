@@ -4,7 +4,7 @@
 
 One row per kind of image: test images as they are and with the training noise (clamped as training
 clamps it), the chains of the saved replay buffer, those chains after more SGLD steps, and test
-images after SGLD steps (the run's step rule). Columns: the energy E(x, y) = -f(x)[y] (E(x) for a
+images after SGLD steps (the run's step rule; each --steps continues the chains of the one before). Columns: the energy E(x, y) = -f(x)[y] (E(x) for a
 buffer without classes), the per-pixel input gradient |dE/dx| and pixel statistics. In a healthy
 run data and chains sit at similar energies and SGLD from a test image keeps it low; after a
 collapse SGLD runs uphill from the test images to the chains' level, and a statistic where data and
@@ -41,13 +41,24 @@ def probe(model, x, y):
     energy = energy_from_logits(model(x), y)
     (grad,) = torch.autograd.grad(energy.sum(), x)
     g = grad.abs().flatten()
-    q = torch.quantile(g[torch.randperm(len(g))[:100_000]], torch.tensor([0.5, 0.99], device=g.device))
+    # torch.quantile takes at most 16M values: a fixed subsample, off the global RNG the chains use
+    pick = torch.randperm(len(g), generator=torch.Generator().manual_seed(0))[:100_000]
+    q = torch.quantile(g[pick.to(g.device)], torch.tensor([0.5, 0.99], device=g.device))
     x = x.detach()
     return {"energy_mean": energy.mean().item(), "energy_std": energy.std().item(),
             "grad_p50": q[0].item(), "grad_p99": q[1].item(), "grad_max": g.max().item(),
             "pixel_mean": x.mean().item(), "at_minus_1": (x <= -0.999).float().mean().item(),
             "at_plus_1": (x >= 0.999).float().mean().item(),
             "total_variation": (x[..., 1:] - x[..., :-1]).abs().mean().item()}
+
+
+def after_sgld(m, x, y, steps):
+    """{k: x after k SGLD steps} for the ascending steps, one chain continued from each k to the next."""
+    out, done = {}, 0
+    for k in steps:
+        x = m.sampler(m.model, x, y, n_steps=k - done)
+        out[k], done = x, k
+    return out
 
 
 def main(argv=None):
@@ -72,13 +83,11 @@ def main(argv=None):
     rows = {"test images": probe(m.model, x_test, y_data),
             f"test images + training noise ({m.cfg['sigma']})": probe(m.model, noised, y_data),
             "saved chains": probe(m.model, chains, y_chains)}
-    done, continued = 0, chains
-    for k in sorted(args.steps):
-        continued = m.sampler(m.model, continued, y_chains, n_steps=k - done)
-        done = k
-        rows[f"saved chains + {k} SGLD steps"] = probe(m.model, continued, y_chains)
-    for k in sorted(args.steps):
-        rows[f"test images + {k} SGLD steps"] = probe(m.model, m.sampler(m.model, x_test, y_data, n_steps=k), y_data)
+    steps = sorted(set(args.steps))
+    for k, x in after_sgld(m, chains, y_chains, steps).items():
+        rows[f"saved chains + {k} SGLD steps"] = probe(m.model, x, y_chains)
+    for k, x in after_sgld(m, x_test, y_data, steps).items():
+        rows[f"test images + {k} SGLD steps"] = probe(m.model, x, y_data)
 
     print(f"{args.ckpt} (step {m.ckpt['step']}), {args.n} images each, "
           f"energy {'E(x, y)' if conditional else 'E(x)'}, SGLD step {m.cfg['step_size']}:")
