@@ -10,6 +10,7 @@ Writes checkpoints/<run>/{last,best}.pt and metrics.jsonl, and sample grids to s
 """
 import argparse
 import contextlib
+import fcntl
 import functools
 import json
 import os
@@ -158,6 +159,9 @@ def add_method_flags(p):
     g.add_argument("--lr", type=float, default=1e-4, help="learning rate; JEM diverges above ~1e-4 on WRN (default: %(default)s)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="(default: %(default)s)")
+    g.add_argument("--sam-rho", type=float, default=0.0, metavar="RHO",
+                   help="adaptive sharpness-aware minimisation of radius RHO, SADA-JEM's stabiliser (it uses 2); "
+                        "one more forward-backward per step; 0 = off (default: %(default)s)")
     g.add_argument("--warmup-iters", type=int, default=1000, help="linear learning-rate warm-up steps (default: %(default)s)")
     g.add_argument("--epochs", type=int, default=200, help="total epochs, pre-training included (default: %(default)s)")
     g.add_argument("--decay-epochs", type=int, nargs="*", default=[160, 180], help="epochs at which lr *= decay-rate (default: %(default)s)")
@@ -295,11 +299,17 @@ class Batch(NamedTuple):
     x_pxy: Optional[torch.Tensor] = None
 
 
-def jem_loss(model, sampler, buffer, cfg, batch, energy_on):
-    """The weighted objective on one Batch. Returns (loss, metrics, samples): metrics are 0-d tensors
-    (no host sync here), samples the SGLD chains of this step or None."""
+def jem_loss(model, sampler, buffer, cfg, batch, energy_on, chains=None):
+    """The weighted objective on one Batch. Returns (loss, metrics, chains): metrics are 0-d tensors
+    (no host sync here), chains the list of this step's SGLD samples (empty without energy terms).
+    Given `chains`, it uses them instead of drawing new ones (SAM's second pass)."""
     energy_on = energy_on and (cfg.px_weight > 0 or cfg.pxy_weight > 0)
-    chunks, metrics = [batch.x], {}
+    chunks, metrics, drawn = [batch.x], {}, []
+
+    def chains_for(y=None):
+        x = chains[len(drawn)] if chains is not None else draw_samples(model, sampler, buffer, len(batch.x), y)
+        drawn.append(x)
+        return x
 
     def chunk_of(x):  # where x's logits will sit in the one forward pass over all chunks
         for i, c in enumerate(chunks):
@@ -309,7 +319,7 @@ def jem_loss(model, sampler, buffer, cfg, batch, energy_on):
         return len(chunks) - 1
 
     if energy_on and cfg.px_weight > 0:
-        i_px_data, i_px_q = chunk_of(batch.x_px), chunk_of(draw_samples(model, sampler, buffer, len(batch.x)))
+        i_px_data, i_px_q = chunk_of(batch.x_px), chunk_of(chains_for())
     if energy_on and cfg.pxy_weight > 0:
         # chains for exactly the batch's labels, not uniform ones (as the official code): then each
         # class's logit is pushed up on as many data as down on samples, and the head's biases get
@@ -317,7 +327,7 @@ def jem_loss(model, sampler, buffer, cfg, batch, energy_on):
         # predicted (MNIST validation accuracy fell from 98% to 48%).
         y_q = batch.y
         i_pxy_data = chunk_of(batch.x_pxy)
-        i_pxy_q = chunk_of(draw_samples(model, sampler, buffer, len(batch.x), y_q))
+        i_pxy_q = chunk_of(chains_for(y_q))
     logits_all = model(torch.cat(chunks))
     metrics["max_logit"] = logits_all.detach().abs().amax()  # |E(x, y)| of the worst image, for the guard
     logits = logits_all.split([len(c) for c in chunks])
@@ -342,7 +352,7 @@ def jem_loss(model, sampler, buffer, cfg, batch, energy_on):
         metrics["e_sample"] = energy_from_logits(logits[i_q]).mean()
         metrics["gap"] = metrics["e_data"] - metrics["e_sample"]
     metrics["loss"] = loss
-    return loss, metrics, (chunks[-1] if energy_on else None)
+    return loss, metrics, drawn
 
 
 def learning_rate(cfg, step, iters_per_epoch):
@@ -481,22 +491,45 @@ def last_logged_step(metrics_path):
 
 
 def open_run_dirs(cfg, run_dir, sample_dir, ranks=Ranks()):
-    """Make the run's folders. A run that holds a checkpoint is never started again over it; one
-    that stopped before its first checkpoint has nothing to lose and may be."""
+    """Make the run's folders and lock them for this process (the lock's file is returned: keep it).
+    A run that holds a checkpoint is never started again over it; one that stopped before its first
+    checkpoint has nothing to lose and may be."""
     saved = [f for f in RESUMABLE if os.path.exists(os.path.join(run_dir, f))]
     if not cfg.resume and saved:
         raise UsageError(f"run '{cfg.run_name}' already exists ({run_dir} holds {' and '.join(saved)}); "
                          "pass --resume to continue it or choose another --run-name")
     barrier(ranks)  # every rank has looked before rank 0 creates
-    if ranks.main:
-        if not cfg.resume and os.path.isdir(run_dir):
-            print(f"run '{cfg.run_name}' stopped before its first checkpoint: starting it again",
-                  file=sys.stderr)
-            for name in ("metrics.jsonl", "config.json"):
-                if os.path.exists(os.path.join(run_dir, name)):
-                    os.remove(os.path.join(run_dir, name))
-        os.makedirs(os.path.join(run_dir, "history") if cfg.keep_every else run_dir, exist_ok=True)
-        os.makedirs(sample_dir, exist_ok=True)
+    if not ranks.main:
+        return None
+    restarted = not cfg.resume and os.path.isdir(run_dir)
+    os.makedirs(os.path.join(run_dir, "history") if cfg.keep_every else run_dir, exist_ok=True)
+    lock = hold_run_lock(cfg.run_name, run_dir)
+    if restarted:
+        print(f"run '{cfg.run_name}' stopped before its first checkpoint: starting it again", file=sys.stderr)
+        for name in ("metrics.jsonl", "config.json"):
+            if os.path.exists(os.path.join(run_dir, name)):
+                os.remove(os.path.join(run_dir, name))
+    os.makedirs(sample_dir, exist_ok=True)
+    return lock
+
+
+def hold_run_lock(run_name, run_dir):
+    """An exclusive lock on the run's folder, held as long as the returned file stays open (the
+    process's life). A second process on a live run, as `--resume` typed in another shell, would
+    trim its metrics and overwrite its checkpoints under it; with the lock it stops at once."""
+    lock = open(os.path.join(run_dir, "run.lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        owner = lock.read().strip() or "unknown"
+        lock.close()
+        raise UsageError(f"run '{run_name}' is in use by another process (pid {owner}); "
+                         "wait for it to end or stop it (Ctrl-C saves a checkpoint) before --resume") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
 
 
 def print_header(cfg, data, model, device, run_dir, sample_dir, iters_per_epoch, total):
@@ -630,7 +663,7 @@ def train(cfg, ckpt, ranks, device):
     run_dir, sample_dir = os.path.join(cfg.ckpt_root, cfg.run_name), os.path.join(cfg.samples_root, cfg.run_name)
     torch.manual_seed(cfg.seed)
     state, net, sampler = build_run(cfg, info, data, guard, ranks, device, run_dir)
-    open_run_dirs(cfg, run_dir, sample_dir, ranks)
+    run_lock = open_run_dirs(cfg, run_dir, sample_dir, ranks)  # noqa: F841 (held until the process ends)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     log = functools.partial(append_line, metrics_path) if ranks.main else (lambda record: None)
     if ckpt is not None:
@@ -779,14 +812,51 @@ def forward_backward(net, sampler, state, cfg, batch, energy_on, signals):
     """The loss and its gradients, and the step's health as every rank sees it. Returns
     (metrics, samples, health, stop): the one host sync per step reads every health signal of every
     rank, and whether any rank got Ctrl-C / SIGTERM, before the update: all ranks decide alike."""
-    loss, metrics, samples = jem_loss(net, sampler, state.buffer, cfg, batch, energy_on)
+    loss, metrics, chains = jem_loss(net, sampler, state.buffer, cfg, batch, energy_on)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if cfg.sam_rho > 0:
+        sharpness_aware_gradients(net, state, cfg, batch, energy_on, chains)
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in state.model.parameters() if p.grad is not None])
     signalled = loss.new_tensor(float(signals.signum is not None))
     *health, stop = health_across_ranks(
         state.ranks, torch.stack([*state.guard.health_stats(loss, metrics, grad_norm), signalled])).tolist()
-    return metrics, samples, health, stop
+    return metrics, (chains[-1] if chains else None), health, stop
+
+
+def sharpness_aware_gradients(net, state, cfg, batch, energy_on, chains):
+    """Replace the gradients by those at the worst weights nearby: adaptive SAM (Kwon et al. 2021,
+    ASAM), as SADA-JEM trains JEM (sndnyang/SADAJEM `train_sadajem.py`, `sam.py`: rho 2, the
+    second pass on the same SGLD samples, batch-norm statistics left alone). The step moves
+    each weight w by rho * w^2 g / ||w g||, climbing the loss; the optimizer then steps from the
+    original weights with the gradient found there. Flat minima are SADA-JEM's cure for JEM's
+    instability. One more forward-backward pass, no more SGLD."""
+    params = [p for p in state.model.parameters() if p.grad is not None]
+    with torch.no_grad():
+        original = [p.clone() for p in params]  # restored by copy: w + e - e is not always w
+        scaled = [p.abs() * p.grad for p in params]
+        scale = cfg.sam_rho / (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in scaled])) + 1e-12)
+        torch._foreach_add_(params, [p.abs() * g * scale for p, g in zip(params, scaled)])
+    with frozen_batch_norm_statistics(state.model):
+        loss, _, _ = jem_loss(net, None, state.buffer, cfg, batch, energy_on, chains=chains)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    with torch.no_grad():
+        torch._foreach_copy_(params, original)
+
+
+@contextlib.contextmanager
+def frozen_batch_norm_statistics(model):
+    """Batch norm normalises by the batch as usual but keeps its running statistics (momentum 0)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
 
 
 def validate(state, valid_x, valid_y, metrics, epoch, log):

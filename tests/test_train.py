@@ -90,7 +90,7 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_checkpoint(data_roo
 
 def test_semi_supervised_and_subset_flags_run(data_root, tmp_path):
     args = tiny_run_args(data_root, tmp_path, "semi", "--max-iters", "3", "--labels-per-class", "2",
-                         "--pretrain-epochs", "0", "--norm", "group", "--optimizer", "sgd")
+                         "--pretrain-epochs", "0", "--norm", "group", "--optimizer", "sgd", "--sam-rho", "2")
     train_jem.main(args)
     assert load_checkpoint(str(tmp_path / "ck" / "semi" / "last.pt"))["step"] == 3
 
@@ -197,6 +197,23 @@ def test_a_run_that_died_before_its_first_checkpoint_can_be_run_again(data_root,
     assert load_checkpoint(str(run_dir / "last.pt"))["step"] == 2
 
 
+def test_a_second_process_on_a_live_run_is_refused_and_changes_nothing(data_root, tmp_path):
+    args = tiny_run_args(data_root, tmp_path, "live", "--max-iters", "4")
+    train_jem.main(args)
+    run_dir = tmp_path / "ck" / "live"
+    before = {name: (run_dir / name).read_bytes() for name in ("last.pt", "metrics.jsonl")}
+    held = train_jem.hold_run_lock("live", str(run_dir))  # as the run's own process holds it
+    try:
+        r = run_script("train_jem.py", *args, "--resume", "--max-iters", "8")
+    finally:
+        held.close()
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and f"in use by another process (pid {os.getpid()})" in lines[0], r.stderr
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+    train_jem.main(args[:-2] + ["--max-iters", "6", "--resume"])  # once released, the run goes on
+    assert load_checkpoint(str(run_dir / "last.pt"))["step"] == 6
+
+
 def test_preset_help_shows_the_presets_values():
     r = run_script("train_jem.py", "--preset", "mnist-cpu", "--help")
     assert r.returncode == 0
@@ -233,6 +250,39 @@ def test_clean_energy_data_sees_the_images_without_augmentation(data_root, label
     else:
         assert default.x_pxy is None and default.x_px.shape == clean.x_px.shape
         assert not torch.equal(clean.x_px, clean.x_pxy)  # all images vs. the labelled pool
+
+
+def test_sam_takes_the_gradient_at_the_ascended_weights_and_puts_them_back(data_root, tmp_path):
+    """--sam-rho: the gradient the optimizer gets is the one at w + rho |w|^2 g / || |w| g || on the
+    same batch and the same chains; the weights and batch-norm statistics come back bit for bit."""
+    rho, _ = 0.5, torch.manual_seed(0)
+    cfg, _ = train_jem.resolve_config(tiny_run_args(data_root, tmp_path, "sam", "--sam-rho", rho, "--norm", "batch",
+                                                    "--precision", "fp32"))  # bf16 would round the two paths apart
+    data, info = load_jem_data("mnist", data_root, "cpu", n_valid=50, train_subset=160), dataset_info("mnist")
+    state, net, sampler = train_jem.build_run(cfg, info, data, train_jem.build_guard(cfg), train_jem.Ranks(),
+                                              torch.device("cpu"), str(tmp_path))
+    batch = train_jem.training_batch(data, cfg, info, 0, 10, "cpu")
+    params = list(state.model.parameters())
+
+    def gradients_at(weights, chains=None):
+        with torch.no_grad():
+            torch._foreach_copy_(params, weights)
+        loss, _, chains = train_jem.jem_loss(net, sampler, state.buffer, cfg, batch, True, chains=chains)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return [p.grad.clone() for p in params], chains
+
+    weights = [p.detach().clone() for p in params]
+    plain, chains = gradients_at(weights)
+    statistics = {k: v.clone() for k, v in state.model.state_dict().items() if "running" in k}
+    train_jem.sharpness_aware_gradients(net, state, cfg, batch, True, chains)
+    sam = [p.grad.clone() for p in params]
+    assert all(torch.equal(p, w) for p, w in zip(params, weights))
+    assert all(torch.equal(state.model.state_dict()[k], v) for k, v in statistics.items())
+    norm = torch.sqrt(sum(((w.abs() * g) ** 2).sum() for w, g in zip(weights, plain)))
+    ascended, _ = gradients_at([w + rho * w.abs() ** 2 * g / norm for w, g in zip(weights, plain)], chains)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(sam, ascended))
+    assert not all(torch.allclose(a, b, rtol=1e-2, atol=1e-4) for a, b in zip(sam, plain))
 
 
 def test_silu_model_trains_and_replays_from_its_checkpoint(data_root, tmp_path):
