@@ -246,9 +246,10 @@ def test_the_mnist_preset_is_the_measured_recipe():
 
 def test_the_fashion_mnist_preset_is_the_measured_recipe():
     """`fashion-mnist` is the command its figures were measured with (docs/training.md):
-    `--preset mnist --dataset fashion_mnist --l2-energy 0.1`, nothing else changed."""
+    `--preset mnist --dataset fashion_mnist --l2-energy 0.1 --step-size 2`, nothing else changed."""
     preset, _ = train_jem.resolve_config(["--preset", "fashion-mnist", "--run-name", "r"])
-    measured = ["--preset", "mnist", "--dataset", "fashion_mnist", "--l2-energy", "0.1", "--run-name", "r"]
+    measured = ["--preset", "mnist", "--dataset", "fashion_mnist", "--l2-energy", "0.1", "--step-size", "2",
+                "--run-name", "r"]
     flags, _ = train_jem.resolve_config(measured)
-    assert preset.dataset == "fashion_mnist" and preset.l2_energy == 0.1
+    assert preset.dataset == "fashion_mnist" and preset.l2_energy == 0.1 and preset.step_size == 2.0
     assert {**vars(preset), "preset": None} == {**vars(flags), "preset": None}
