@@ -188,7 +188,8 @@ def model_kwargs(config, info):
     sizes = {k: config[k] for k in ARCH_SETTINGS[config["arch"]]}
     return dict(arch=config["arch"], n_classes=info.n_classes, in_channels=info.channels,
                 norm=config["norm"], dropout=config["dropout"],
-                activation=config.get("activation", "leaky_relu"), **sizes)  # older checkpoints: leaky ReLU
+                activation=config.get("activation", "leaky_relu"),  # older checkpoints: leaky ReLU
+                learn_temperature=config.get("learn_temperature", False), **sizes)
 
 
 def recorded_config(config):

@@ -124,8 +124,11 @@ class Evaluated:
         self.sampler = SGLDSampler(self.cfg["n_steps"], **sgld_step_rule(self.cfg))
 
     def describe(self):
-        return {"ckpt": self.path, "step": self.ckpt["step"], "kind": self.kind,
-                "px_weight": self.cfg["px_weight"], "pxy_weight": self.cfg["pxy_weight"]}
+        described = {"ckpt": self.path, "step": self.ckpt["step"], "kind": self.kind,
+                     "px_weight": self.cfg["px_weight"], "pxy_weight": self.cfg["pxy_weight"]}
+        if self.model.log_temperature is not None:
+            described["temperature"] = self.model.log_temperature.exp().item()
+        return described
 
 
 def images_to_float(x_uint8_nhwc, device):
@@ -212,7 +215,7 @@ def eval_calibration(models, x, y, args, out):
                            "brier": "mean_x sum_k (p_k - [y=k])^2"}, "models": {}}
     fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 4), squeeze=False)
     for m, ax in zip(models, axes[0]):
-        logits = predict(m.model, x, args.batch_size)
+        logits = m.model.class_logits(predict(m.model, x, args.batch_size))  # p(y|x), learned T applied
         probs = logits.softmax(1)
         bins = metrics.calibration_bins(probs, y, args.ece_bins)
         ece = metrics.expected_calibration_error(probs, y, args.ece_bins)
@@ -302,7 +305,7 @@ def ood_scores(model, x, batch_size):
         with torch.no_grad():
             logits = model(b)
         out["log_px"].append(metrics.score_log_px(logits))
-        out["max_prob"].append(metrics.score_max_prob(logits))
+        out["max_prob"].append(metrics.score_max_prob(model.class_logits(logits)))
         out["grad_norm"].append(metrics.score_grad_norm(model, b))
     return {s: torch.cat(v).cpu().numpy() for s, v in out.items()}
 

@@ -147,6 +147,9 @@ def add_method_flags(p):
     g.add_argument("--activation", default="leaky_relu", choices=ACTIVATIONS,
                    help="leaky_relu (slope 0.2, the JEM code's) or silu (default: %(default)s)")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout rate (default: %(default)s)")
+    g.add_argument("--learn-temperature", action="store_true",
+                   help="p(y|x) = softmax(f(x) / T) with T learned by the cross-entropy alone (the energy "
+                        "terms never see it), against the underconfidence the energy terms cause")
     g = p.add_argument_group("objective")
     g.add_argument("--pyx-weight", type=float, default=1.0, help="weight of log p(y|x), the cross-entropy (default: %(default)s)")
     g.add_argument("--px-weight", type=float, default=1.0, help="weight of log p(x), unconditional SGLD; 0 = plain classifier (default: %(default)s)")
@@ -334,7 +337,8 @@ def jem_loss(model, sampler, buffer, cfg, batch, energy_on, chains=None):
     metrics["max_logit"] = logits_all.detach().abs().amax()  # |E(x, y)| of the worst image, for the guard
     logits = logits_all.split([len(c) for c in chunks])
 
-    loss = cfg.pyx_weight * classification_loss(logits[0], batch.y)
+    classifier = getattr(model, "module", model)  # the temperature is the model's, outside DDP's forward
+    loss = cfg.pyx_weight * classification_loss(classifier.class_logits(logits[0]), batch.y)
     metrics["acc"] = (logits[0].argmax(1) == batch.y).float().mean()
     if energy_on and cfg.px_weight > 0:
         data, q = logits[i_px_data], logits[i_px_q]
@@ -408,7 +412,7 @@ def evaluate(model, x_u8, y, ranks=Ranks(), batch_size=500):
     sums = torch.zeros(2, dtype=torch.float64, device=y.device)
     mine = slice(ranks.rank, None, ranks.world)
     for xb, yb in zip(x_u8[mine].split(batch_size), y[mine].split(batch_size)):
-        logits = model(to_float(xb)).float()
+        logits = getattr(model, "module", model).class_logits(model(to_float(xb)).float())
         sums[0] += (logits.argmax(1) == yb).sum()
         sums[1] += F.cross_entropy(logits, yb, reduction="sum")
     model.train()

@@ -23,8 +23,23 @@ def make_norm(kind, channels):
 class EnergyClassifier(nn.Module):
     """Base class: a subclass defines `features(x)` (N x D) and sets `self.head = nn.Linear(D, K)`."""
 
+    def __init__(self):
+        super().__init__()
+        # None (no entry in the state_dict) unless build_model(learn_temperature=True) sets it
+        self.register_parameter("log_temperature", None)
+
     def forward(self, x):
         return self.head(self.features(x))
+
+    def class_logits(self, logits):
+        """The classifier's logits: p(y|x) = softmax(f(x) / T). JEM's own reading is T = 1. A learned
+        T (--learn-temperature) is trained by the cross-entropy alone and never enters E(x, y): the
+        energy terms fix the scale of f only up to the temperature of the SGLD chains, which is far
+        from 1 (steps of a with noise s sample exp(f / T') at T' = s^2 / 2a, 1.25e-5 for the
+        presets), so the classifier's temperature is a free parameter of the model, not of JEM."""
+        if self.log_temperature is None:
+            return logits
+        return logits * torch.exp(-self.log_temperature)
 
     def energy(self, x, y=None):
         """E(x) = -logsumexp f(x) if y is None, else E(x, y) = -f(x)[y]."""

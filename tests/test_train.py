@@ -14,6 +14,7 @@ from checkpoint import (FORMAT_VERSION, CheckpointError, load_checkpoint, model_
                         model_kwargs, recorded_config, save_atomic, save_checkpoint)
 from cli import resolve_precision
 from data import dataset_info, load_jem_data
+from models import build_model
 from conftest import REPO, local_mnist_mirror, run_script, tiny_run_args
 
 
@@ -457,3 +458,24 @@ def test_rotation_never_leaves_a_moment_without_last_pt(tmp_path, monkeypatch):
     save_checkpoint(ckpt(2), last, rotate_to=prev)
     assert load_checkpoint(last)["step"] == 2 and load_checkpoint(prev)["step"] == 1
     assert sorted(os.listdir(tmp_path)) == ["last.pt", "prev.pt"]  # no temp file left
+
+
+def test_a_learned_temperature_is_the_cross_entropys_alone_and_replays(data_root, tmp_path):
+    """--learn-temperature: p(y|x) = softmax(f / T). The energy terms never move T (with the
+    cross-entropy weighted 0 it stays exactly 1); the cross-entropy does; the checkpoint replays it."""
+    train_jem.main(tiny_run_args(data_root, tmp_path, "energy-only", "--learn-temperature",
+                                 "--pyx-weight", "0", "--max-iters", 3))
+    assert load_checkpoint(str(tmp_path / "ck" / "energy-only" / "last.pt"))["model"]["log_temperature"] == 0
+    train_jem.main(tiny_run_args(data_root, tmp_path, "joint", "--learn-temperature", "--max-iters", 3))
+    ckpt = load_checkpoint(str(tmp_path / "ck" / "joint" / "last.pt"))
+    log_t = ckpt["model"]["log_temperature"]
+    assert log_t != 0
+    model = model_from_checkpoint(ckpt, dataset_info("mnist"), "cpu")
+    x = torch.rand(5, 1, 28, 28) * 2 - 1
+    with torch.no_grad():
+        logits = model(x)
+        assert torch.allclose(model.class_logits(logits), logits / log_t.exp())
+        assert torch.equal(model.energy(x), -torch.logsumexp(logits, 1))  # E(x) is f's, not f / T's
+    without = build_model(**{**model_kwargs(ckpt["config"], dataset_info("mnist")), "learn_temperature": False})
+    assert "log_temperature" not in without.state_dict()  # checkpoints from before the flag still load
+    assert without.class_logits(logits) is logits
