@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import eval_jem
 import metrics
 import train_jem
-from checkpoint import FORMAT_VERSION, save_atomic
+from checkpoint import FORMAT_VERSION, load_checkpoint, save_atomic, save_checkpoint
 from cli import run
 from conftest import REPO, run_script, tiny_run_args
 from data import dataset_info, load_split
@@ -329,3 +329,24 @@ def test_compare_runs_gives_the_time_per_step_without_start_up_and_evaluations(t
                        text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert "| fast | 0.300 |" in r.stdout
+
+
+def test_calibration_and_max_prob_read_the_learned_temperature(data_root, tmp_path):
+    """A --learn-temperature checkpoint: ECE and NLL are those of softmax(f / T), T is reported."""
+    train_jem.main(tiny_run_args(data_root, tmp_path, "t", "--max-iters", "3", "--learn-temperature"))
+    ckpt = tmp_path / "ck" / "t" / "last.pt"
+    state = load_checkpoint(str(ckpt))  # three steps barely move T: set one that shows
+    state["model"]["log_temperature"] = torch.tensor(-2.0)
+    save_checkpoint(state, str(ckpt))
+    r = run_script("eval_jem.py", "--ckpt", ckpt, "--mode", "calibration", "ood", "--data-root", data_root,
+                   "--out", tmp_path / "res", "--device", "cpu", "--n-ood", 30, "--ood", "uniform", "--no-inception")
+    assert r.returncode == 0, r.stderr
+    cal = json.load(open(tmp_path / "res" / "calibration.json"))["models"]["t/last"]
+    model = eval_jem.model_from_checkpoint(load_checkpoint(str(ckpt)), dataset_info("mnist"), "cpu")
+    assert cal["temperature"] == pytest.approx(np.exp(-2.0))
+    x, y, _ = load_split("mnist", "test", data_root)  # the whole test set, in order
+    with torch.no_grad():
+        logits = model(eval_jem.images_to_float(x, "cpu"))
+    y = torch.from_numpy(y).long()
+    assert cal["nll"] == pytest.approx(metrics.nll(model.class_logits(logits).detach(), y), rel=1e-4)
+    assert cal["nll"] != pytest.approx(metrics.nll(logits, y), rel=1e-4)
