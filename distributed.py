@@ -54,6 +54,12 @@ def teardown(ranks):
         dist.destroy_process_group()
 
 
+def unwrap(model):
+    """The network inside DistributedDataParallel (the model itself in a one-process run): SGLD
+    and the learned temperature bypass DDP's forward, which would average gradients they must not."""
+    return getattr(model, "module", model)
+
+
 def rank_seed(seed, rank):
     """Rank r's seed for its SGLD chains and buffer restarts; rank 0 keeps the run's seed, so a
     single-process run is unchanged."""

@@ -215,8 +215,7 @@ def eval_calibration(models, x, y, args, out):
                            "brier": "mean_x sum_k (p_k - [y=k])^2"}, "models": {}}
     fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 4), squeeze=False)
     for m, ax in zip(models, axes[0]):
-        with torch.no_grad():
-            logits = m.model.class_logits(predict(m.model, x, args.batch_size))  # p(y|x): a learned T applied
+        logits = m.model.class_logits(predict(m.model, x, args.batch_size))  # p(y|x): a learned T applied
         probs = logits.softmax(1)
         bins = metrics.calibration_bins(probs, y, args.ece_bins)
         ece = metrics.expected_calibration_error(probs, y, args.ece_bins)
@@ -305,8 +304,8 @@ def ood_scores(model, x, batch_size):
     for b in x.split(batch_size):
         with torch.no_grad():
             logits = model(b)
-            out["log_px"].append(metrics.score_log_px(logits))
-            out["max_prob"].append(metrics.score_max_prob(model.class_logits(logits)))
+        out["log_px"].append(metrics.score_log_px(logits))
+        out["max_prob"].append(metrics.score_max_prob(model.class_logits(logits)))
         out["grad_norm"].append(metrics.score_grad_norm(model, b))
     return {s: torch.cat(v).cpu().numpy() for s, v in out.items()}
 

@@ -30,7 +30,7 @@ from checkpoint import RESUMABLE, CheckpointError, load_resumable, model_kwargs,
 from cli import UsageError, resolve_precision, run
 from data import augment, dataset_info, epoch_permutation, load_jem_data, to_float
 from distributed import (Ranks, barrier, check_buffer_split, health_across_ranks, rank_seed, setup,
-                         sum_across_ranks, teardown)
+                         sum_across_ranks, teardown, unwrap)
 from models import ACTIVATIONS, ARCHS, build_model
 from models.energy import energy_from_logits
 from recovery import FAULTS, RUNGS, Guard, roll_back
@@ -287,7 +287,7 @@ def energy_l2(e_data, e_sample):
 def draw_samples(model, sampler, buffer, n, y=None):
     """Persistent-chain SGLD: start from the buffer, run the sampler, put the chains back."""
     x0, idx = buffer.sample(n, y)
-    model = getattr(model, "module", model)  # SGLD needs no gradient averaging: bypass DDP
+    model = unwrap(model)  # SGLD needs no gradient averaging
     model.eval()  # sampling must not update batch-norm statistics or see dropout noise
     x = sampler(model, x0, y)
     model.train()
@@ -337,8 +337,7 @@ def jem_loss(model, sampler, buffer, cfg, batch, energy_on, chains=None):
     metrics["max_logit"] = logits_all.detach().abs().amax()  # |E(x, y)| of the worst image, for the guard
     logits = logits_all.split([len(c) for c in chunks])
 
-    classifier = getattr(model, "module", model)  # the temperature is the model's, outside DDP's forward
-    loss = cfg.pyx_weight * classification_loss(classifier.class_logits(logits[0]), batch.y)
+    loss = cfg.pyx_weight * classification_loss(unwrap(model).class_logits(logits[0]), batch.y)
     metrics["acc"] = (logits[0].argmax(1) == batch.y).float().mean()
     if energy_on and cfg.px_weight > 0:
         data, q = logits[i_px_data], logits[i_px_q]
@@ -412,7 +411,7 @@ def evaluate(model, x_u8, y, ranks=Ranks(), batch_size=500):
     sums = torch.zeros(2, dtype=torch.float64, device=y.device)
     mine = slice(ranks.rank, None, ranks.world)
     for xb, yb in zip(x_u8[mine].split(batch_size), y[mine].split(batch_size)):
-        logits = getattr(model, "module", model).class_logits(model(to_float(xb)).float())
+        logits = unwrap(model).class_logits(model(to_float(xb)).float())
         sums[0] += (logits.argmax(1) == yb).sum()
         sums[1] += F.cross_entropy(logits, yb, reduction="sum")
     model.train()
