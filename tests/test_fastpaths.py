@@ -234,14 +234,17 @@ def test_precision_auto_follows_the_hardware_and_old_bf16_checkpoints_resume_as_
 def test_the_mnist_preset_is_the_measured_recipe():
     """The `mnist` preset is, flag for flag, the command its 3-seed figures were measured with
     (docs/training.md): the recipe study's base command plus row S of round 3, with round 4's
-    longer schedule and lighter energy penalty (row ZU) and round 6's ten SGLD steps."""
+    longer schedule and lighter energy penalty (row ZU), round 6's ten SGLD steps and the learned
+    temperature (the mt runs)."""
     measured = ["--preset", "mnist-cpu", "--pretrain-epochs", "0", "--buffer-init", "noise", "--epochs", "8",
                 "--decay-epochs", "6", "--lr", "1e-3", "--warmup-iters", "200", "--n-steps", "10", "--step-size", "4",
                 "--sample-every", "500", "--pxy-weight", "0.3", "--l2-energy", "0.03", "--buffer-size", "1000",
-                "--reinit-freq", "0.002", "--run-name", "r"]
+                "--reinit-freq", "0.002", "--learn-temperature", "--run-name", "r"]
     preset, _ = train_jem.resolve_config(["--preset", "mnist", "--run-name", "r"])
     flags, _ = train_jem.resolve_config(measured)
     assert {**vars(preset), "preset": None} == {**vars(flags), "preset": None}
+    baseline, _ = train_jem.resolve_config(["--preset", "mnist", "--no-learn-temperature", "--run-name", "r"])
+    assert preset.learn_temperature and not baseline.learn_temperature  # the baselines were measured without T
 
 
 def test_the_fashion_mnist_preset_is_the_measured_recipe():
