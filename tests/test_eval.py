@@ -1,5 +1,6 @@
 """metrics.py against known answers, and eval_jem.py as a user runs it on a tiny checkpoint."""
 import json
+import os
 import subprocess
 import sys
 
@@ -258,7 +259,24 @@ def test_kept_history_gives_curves_of_accuracy_samples_and_gap(data_root, tmp_pa
     assert [p["gap"] for p in points] == [logged[2], logged[4], logged[6]]
     for p in points:
         assert np.isfinite(p["buffer_fid_judge"]) and 0 <= p["buffer_judge_acc"] <= 1 and 0 <= p["acc"] <= 1
+        assert p["fid_inception"] is None  # only with --inception
     assert (tmp_path / "c" / "run_curves.png").stat().st_size > 1000
+
+
+def test_curves_with_the_standard_inception_fid_sit_above_its_real_floor(tiny, weights, data_root, tmp_path):
+    """plot_run --inception adds the Inception FID of fresh and buffer samples per checkpoint, and
+    the real-vs-real floor at the same n: a 3-step model's samples are far above it."""
+    ckpt, judge = tiny
+    args = ["--ckpt", ckpt, "--judge", judge, "--data-root", data_root, "--n-test", 20, "--n-samples", 20,
+            "--sample-steps", 2, "--device", "cpu", "--inception", "--out", tmp_path / "c"]
+    r = subprocess.run([sys.executable, "-m", "tools.plot_run", *map(str, args)], capture_output=True, text=True,
+                       timeout=300, cwd=REPO, env={**os.environ, "JEM_INCEPTION": str(weights)})
+    assert r.returncode == 0, r.stderr
+    result = json.load(open(tmp_path / "c" / "run_curves.json"))
+    floor = result["protocol"]["real_train_vs_test"]
+    ((point,),) = result["runs"].values()
+    assert 0 < floor["fid_inception"] < point["fid_inception"] and floor["fid_inception"] < point["buffer_fid_inception"]
+    assert 0 < floor["fid_judge"] < point["fid_judge"]
 
 
 def test_probe_energy_scores_the_test_images_and_the_saved_chains(tiny, data_root, tmp_path):

