@@ -480,23 +480,34 @@ def buffer_images(m, n, g):
     return x[idx], y
 
 
+def sample_scorer(judge, real, extractor, batch_size):
+    """score(fake, y=None): the judge's FID and IS of fake against the real images (and its accuracy
+    when y gives the intended classes), with the Inception FID / KID beside them when an extractor
+    (an InceptionFeatures) is given. The real images' features are computed once."""
+    real_feats = None if extractor is None else inception_features(extractor, real)
+
+    def score(fake, y=None):
+        scores = judge_scores(judge, real, fake, y, batch_size)
+        if extractor is not None:
+            scores.update(inception_scores(real_feats, inception_features(extractor, fake)))
+        return scores
+    return score
+
+
+def real_floor(score, dataset, data_root, n, seed, device):
+    """The lowest FID n images can reach: n real training images scored like samples."""
+    x_train, _, _ = load_split(dataset, "train", data_root)
+    return score(images_to_float(x_train[subset(len(x_train), n, seed).numpy()], device))
+
+
 def eval_samples(models, x_test, args, data_root, device, out, extractor=None):
     """extractor: an InceptionFeatures for the standard FID / KID beside the judge's, or None."""
     cfg, info = models[0].cfg, models[0].info
     judge_path = judge_path_for(args, cfg["dataset"])
     judge = load_judge_for(judge_path, cfg["dataset"], device)
     n = min(args.n_samples, len(x_test))
-    real = x_test[subset(len(x_test), n, args.seed)]
-    # the floor FID can reach with n images: real training images against the real test images
-    x_train, _, _ = load_split(cfg["dataset"], "train", data_root)
-    real_train = images_to_float(x_train[subset(len(x_train), n, args.seed).numpy()], device)
-    floor = judge_scores(judge, real, real_train, None, args.batch_size)
-    if extractor is not None:
-        real_feats = inception_features(extractor, real)
-        floor.update(inception_scores(real_feats, inception_features(extractor, real_train)))
-
-    def inception_or_nothing(fake):
-        return {} if extractor is None else inception_scores(real_feats, inception_features(extractor, fake))
+    score = sample_scorer(judge, x_test[subset(len(x_test), n, args.seed)], extractor, args.batch_size)
+    floor = real_floor(score, cfg["dataset"], data_root, n, args.seed, device)
     shape = (info.channels, info.image_size, info.image_size)
     result = {"protocol": {
         "judge": judge_path, "n_real": n, "real": f"{n} random {cfg['dataset']} test images",
@@ -527,8 +538,7 @@ def eval_samples(models, x_test, args, data_root, device, out, extractor=None):
                     f"size {m.sampler.step_size}, noise {m.sampler.noise_std}, clamp {m.sampler.clamp}, "
                     f"gradient clip {m.sampler.grad_clip}",
             "n": n, "init": args.sample_init, "steps": steps,
-            **judge_scores(judge, real, fresh, y, args.batch_size),
-            **inception_or_nothing(fresh)}}
+            **score(fresh, y)}}
         save_image((fresh[:100] + 1) / 2, os.path.join(out, f"samples_fresh_{_slug(m.label)}.png"), nrow=10)
         xb, yb = buffer_images(m, n, g)
         xb = xb.to(device)
@@ -539,8 +549,7 @@ def eval_samples(models, x_test, args, data_root, device, out, extractor=None):
                     f"so these are its initial images ({m.cfg['buffer_init']}), not samples of the model")
         entry["replay_buffer"] = {
             "what": what,
-            "n": len(xb), **judge_scores(judge, real, xb, None if yb is None else yb.to(device), args.batch_size),
-            **inception_or_nothing(xb)}
+            "n": len(xb), **score(xb, None if yb is None else yb.to(device))}
         save_image((xb[:100] + 1) / 2, os.path.join(out, f"samples_buffer_{_slug(m.label)}.png"), nrow=10)
         result["models"][m.label] = entry
     return result

@@ -30,8 +30,8 @@ import metrics  # noqa: E402
 from cli import UsageError, resolve_device, run  # noqa: E402
 from data import load_split  # noqa: E402
 from eval_jem import (NOISE_START_STEPS, Evaluated, buffer_images, images_to_float, judge_path_for,  # noqa: E402
-                      judge_scores, load_judge_for, predict, subset)
-from inception import InceptionFeatures, inception_features, inception_scores  # noqa: E402
+                      load_judge_for, predict, real_floor, sample_scorer, subset)
+from inception import InceptionFeatures  # noqa: E402
 from sgld import class_conditional_samples  # noqa: E402
 
 
@@ -86,16 +86,8 @@ def main(argv=None):
     x_np, y_np, _ = load_split(dataset, "test", data_root)
     keep = subset(len(x_np), max(args.n_test, args.n_samples), args.seed).numpy()
     x_test, y_test = images_to_float(x_np[keep], device), torch.from_numpy(y_np[keep]).to(device)
-    real = x_test[:args.n_samples]
-    x_train, _, _ = load_split(dataset, "train", data_root)  # the floor: what a perfect sampler scores
-    real_train = images_to_float(x_train[subset(len(x_train), args.n_samples, args.seed).numpy()], device)
-    floor = {"fid_judge": judge_scores(judge, real, real_train, None, args.batch_size)["fid_judge"]}
-    if extractor is not None:
-        real_feats = inception_features(extractor, real)
-        floor["fid_inception"] = inception_scores(real_feats, inception_features(extractor, real_train))["fid_inception"]
-
-    def inception_fid(fake):
-        return None if extractor is None else inception_scores(real_feats, inception_features(extractor, fake))["fid_inception"]
+    score = sample_scorer(judge, x_test[:args.n_samples], extractor, args.batch_size)
+    floor = real_floor(score, dataset, data_root, args.n_samples, args.seed, device)  # what a perfect sampler scores
     info = models[0].info
     shape = (info.channels, info.image_size, info.image_size)
 
@@ -106,12 +98,12 @@ def main(argv=None):
         fake = class_conditional_samples(m.model, m.sampler, y, shape, None, args.batch_size,
                                          n_steps=args.sample_steps, device=device)
         xb, yb = buffer_images(m, args.n_samples, torch.Generator().manual_seed(args.seed))
-        buffer = judge_scores(judge, real, xb.to(device), None if yb is None else yb.to(device), args.batch_size)
+        buffer = score(xb.to(device), None if yb is None else yb.to(device))
         point = {"ckpt": m.path, "step": m.ckpt["step"], "kind": m.kind,
                  "acc": metrics.accuracy(predict(m.model, x_test[:args.n_test], args.batch_size), y_test[:args.n_test]),
-                 **judge_scores(judge, real, fake, y, args.batch_size),
+                 "fid_inception": None, **score(fake, y),
                  "buffer_fid_judge": buffer["fid_judge"], "buffer_judge_acc": buffer.get("judge_acc"),
-                 "fid_inception": inception_fid(fake), "buffer_fid_inception": inception_fid(xb.to(device)),
+                 "buffer_fid_inception": buffer.get("fid_inception"),
                  "gap": gap_at(logged_gaps(m.path), m.ckpt["step"])}
         runs[f"{m.cfg['run_name']} ({m.kind})"].append(point)
 
