@@ -191,20 +191,22 @@ def eval_accuracy(models, x, y, args):
     result = {"protocol": {"n_test": len(y), "noise": "x + sigma * N(0, I), sigma from the training config",
                            "refine": f"{args.refine_steps} SGLD steps on E(x) from the test image, training "
                                      f"step size / noise / clamp, {args.refine_chains} chain(s), logits "
-                                     f"averaged, on the first {min(args.n_refine, len(y))} of the test images"},
+                                     f"averaged, on {min(args.n_refine, len(y))} random test images (--seed)"},
               "models": {}}
+    # a random subset, not the first n: a test split may be sorted by class (this CIFAR-10 copy is:
+    # its first 1,000 images are all planes)
+    pick = subset(len(y), args.n_refine, args.seed)
     for m in models:
         reseed(args)
         sigma = m.cfg["sigma"]
         clean = predict(m.model, x, args.batch_size)
         noisy = predict(m.model, x + sigma * torch.randn_like(x), args.batch_size)
-        n = min(args.n_refine, len(y))
         refined = torch.cat([refine(m.model, m.sampler, b, args.refine_steps, args.refine_chains)
-                             for b in tqdm(x[:n].split(args.batch_size), desc=f"refine {m.label}")])
+                             for b in tqdm(x[pick].split(args.batch_size), desc=f"refine {m.label}")])
         result["models"][m.label] = {**m.describe(), "acc": metrics.accuracy(clean, y),
                                      "acc_noise": metrics.accuracy(noisy, y), "sigma": sigma,
-                                     "acc_refined": metrics.accuracy(refined, y[:n]),
-                                     "acc_clean_same_images": metrics.accuracy(clean[:n], y[:n])}
+                                     "acc_refined": metrics.accuracy(refined, y[pick]),
+                                     "acc_clean_same_images": metrics.accuracy(clean[pick], y[pick])}
     return result
 
 

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -150,6 +151,28 @@ def test_bpda_refinement_attacks_through_the_defence():
     assert torch.allclose(classify(x), model(x_ref))
     (grad_at_ref,) = torch.autograd.grad(F.cross_entropy(model(x_ref), y), x_ref)
     assert torch.allclose(grad, grad_at_ref, atol=1e-6)
+
+
+class AlwaysClassZero(nn.Module):
+    def forward(self, x):
+        return torch.tensor([1.0, 0.0]) + 0 * x.flatten(1)[:, :1]
+
+    def energy(self, x, y=None):
+        return energy_from_logits(self(x), y)
+
+
+def test_refined_accuracy_is_measured_on_a_random_subset_of_a_class_sorted_split():
+    """This CIFAR-10 copy's test split is sorted by class: the first 1,000 images are all planes.
+    On a sorted two-class split a model that always answers class 0 is right on every one of the
+    first images and on about half of a random subset."""
+    x = torch.cat([torch.full((100, 1, 2, 2), -0.5), torch.full((100, 1, 2, 2), 0.5)])
+    y = torch.cat([torch.zeros(100, dtype=torch.long), torch.ones(100, dtype=torch.long)])
+    m = SimpleNamespace(model=AlwaysClassZero(), sampler=eval_jem.SGLDSampler(n_steps=2, noise_std=0.0),
+                        cfg={"sigma": 0.0}, label="zero", describe=dict)
+    args = SimpleNamespace(seed=0, batch_size=32, n_refine=50, refine_steps=2, refine_chains=1)
+    r = eval_jem.eval_accuracy([m], x, y, args)["models"]["zero"]
+    assert r["acc"] == 0.5 and 0.3 < r["acc_clean_same_images"] < 0.7  # the first 50: 1.0
+    assert r["acc_refined"] == r["acc_clean_same_images"]  # no gradient, no noise: the chains stay put
 
 
 def test_score_histogram_survives_scores_a_few_ulps_apart():
