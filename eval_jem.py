@@ -483,8 +483,8 @@ def buffer_images(m, n, g):
 
 
 def sample_scorer(judge, real, extractor, batch_size):
-    """score(fake, y=None): the judge's FID and IS of fake against the real images (and its accuracy
-    when y gives the intended classes), with the Inception FID / KID beside them when an extractor
+    """score(fake, y=None): the judge's FID of fake against the real images, its IS of fake (and its
+    accuracy when y gives the intended classes), with the Inception FID / KID beside them when an extractor
     (an InceptionFeatures) is given. The real images' features are computed once."""
     real_feats = None if extractor is None else inception_features(extractor, real)
 
@@ -497,7 +497,7 @@ def sample_scorer(judge, real, extractor, batch_size):
 
 
 def real_floor(score, dataset, data_root, n, seed, device):
-    """The lowest FID n images can reach: n real training images scored like samples."""
+    """score's figures for n real training images: the floor that samples of the same n can reach."""
     x_train, _, _ = load_split(dataset, "train", data_root)
     return score(images_to_float(x_train[subset(len(x_train), n, seed).numpy()], device))
 

@@ -161,6 +161,12 @@ class AlwaysClassZero(nn.Module):
         return energy_from_logits(self(x), y)
 
 
+class SignOfMean(AlwaysClassZero):
+    def forward(self, x):
+        m = x.flatten(1).mean(1, keepdim=True)
+        return torch.cat([-m, m], 1)  # class 1 where the image is bright; SGLD on logsumexp keeps the sign
+
+
 def test_refined_accuracy_is_measured_on_a_random_subset_of_a_class_sorted_split():
     """This CIFAR-10 copy's test split is sorted by class: the first 1,000 images are all planes.
     On a sorted two-class split a model that always answers class 0 is right on every one of the
@@ -173,6 +179,9 @@ def test_refined_accuracy_is_measured_on_a_random_subset_of_a_class_sorted_split
     r = eval_jem.eval_accuracy([m], x, y, args)["models"]["zero"]
     assert r["acc"] == 0.5 and 0.3 < r["acc_clean_same_images"] < 0.7  # the first 50: 1.0
     assert r["acc_refined"] == r["acc_clean_same_images"]  # no gradient, no noise: the chains stay put
+    # a model right on every image, refined: the refined images are scored against their own labels
+    m.model = SignOfMean()
+    assert eval_jem.eval_accuracy([m], x, y, args)["models"]["zero"]["acc_refined"] == 1.0
 
 
 def test_score_histogram_survives_scores_a_few_ulps_apart():

@@ -84,9 +84,12 @@ def main(argv=None):
     extractor = InceptionFeatures().to(device) if args.inception else None
     data_root = args.data_root or models[0].cfg["data_root"]
     x_np, y_np, _ = load_split(dataset, "test", data_root)
-    keep = subset(len(x_np), max(args.n_test, args.n_samples), args.seed).numpy()
+    # Two random draws, never a prefix of one: a test split may be sorted by class (this CIFAR-10
+    # copy's is), and the first n of a sorted index list are then a few classes only.
+    keep = subset(len(x_np), args.n_test, args.seed).numpy()
     x_test, y_test = images_to_float(x_np[keep], device), torch.from_numpy(y_np[keep]).to(device)
-    score = sample_scorer(judge, x_test[:args.n_samples], extractor, args.batch_size)
+    x_real = images_to_float(x_np[subset(len(x_np), args.n_samples, args.seed).numpy()], device)
+    score = sample_scorer(judge, x_real, extractor, args.batch_size)
     floor = real_floor(score, dataset, data_root, args.n_samples, args.seed, device)  # what a perfect sampler scores
     info = models[0].info
     shape = (info.channels, info.image_size, info.image_size)
@@ -100,7 +103,7 @@ def main(argv=None):
         xb, yb = buffer_images(m, args.n_samples, torch.Generator().manual_seed(args.seed))
         buffer = score(xb.to(device), None if yb is None else yb.to(device))
         point = {"ckpt": m.path, "step": m.ckpt["step"], "kind": m.kind,
-                 "acc": metrics.accuracy(predict(m.model, x_test[:args.n_test], args.batch_size), y_test[:args.n_test]),
+                 "acc": metrics.accuracy(predict(m.model, x_test, args.batch_size), y_test),
                  "fid_inception": None, **score(fake, y),
                  "buffer_fid_judge": buffer["fid_judge"], "buffer_judge_acc": buffer.get("judge_acc"),
                  "buffer_fid_inception": buffer.get("fid_inception"),
