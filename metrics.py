@@ -26,6 +26,23 @@ def nll(logits, y):
     return F.cross_entropy(logits, y).item()
 
 
+def fit_temperature(logits, y):
+    """The T > 0 that minimises the NLL of softmax(logits / T): temperature scaling (Guo et al.
+    2017). The NLL is convex in 1 / T, so L-BFGS on log T finds the one minimum; float64 and a
+    fixed start make the fit a pure function of its inputs."""
+    logits, y = logits.detach().double().cpu(), y.cpu()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=100, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(logits * torch.exp(-log_t), y)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return log_t.exp().item()
+
+
 def brier_score(probs, y):
     """Multi-class Brier score (Brier 1950): mean over examples of sum_k (p_k - [y = k])^2.
 

@@ -157,3 +157,16 @@ def test_ece_differs_from_torchmetrics_on_the_bin_edges():
     probs, y = torch.tensor([[0.5, 0.3, 0.2], [0.55, 0.45, 0.0]]), torch.tensor([0, 1])
     assert metrics.expected_calibration_error(probs, y, n_bins=10) == pytest.approx((0.5 + 0.55) / 2, abs=TOL)
     assert torchmetrics_ece(probs, y, n_bins=10) == pytest.approx(abs(0.5 - 0.525), abs=TOL)
+
+
+def test_fit_temperature_recovers_the_temperature_labels_were_drawn_at():
+    """Labels drawn from softmax(f / 0.5): the fitted T is 0.5 within sampling error, and it is the
+    NLL's minimum (1 % either way costs NLL)."""
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(20000, 10, generator=g)
+    y = torch.multinomial((logits / 0.5).softmax(1), 1, generator=g).squeeze(1)
+    t = metrics.fit_temperature(logits, y)
+    assert t == pytest.approx(0.5, rel=0.03)
+    best = metrics.nll(logits / t, y)
+    assert metrics.nll(logits / (0.99 * t), y) > best and metrics.nll(logits / (1.01 * t), y) > best
+    assert metrics.fit_temperature(logits, y) == t  # a pure function of its inputs

@@ -9,11 +9,12 @@ import time
 import pytest
 import torch
 
+import metrics
 import train_jem
 from checkpoint import (FORMAT_VERSION, CheckpointError, load_checkpoint, model_from_checkpoint,
                         model_kwargs, recorded_config, save_atomic, save_checkpoint)
 from cli import resolve_precision
-from data import dataset_info, load_jem_data
+from data import dataset_info, load_jem_data, to_float
 from models import build_model
 from conftest import REPO, local_mnist_mirror, run_script, tiny_run_args
 
@@ -458,6 +459,45 @@ def test_rotation_never_leaves_a_moment_without_last_pt(tmp_path, monkeypatch):
     save_checkpoint(ckpt(2), last, rotate_to=prev)
     assert load_checkpoint(last)["step"] == 2 and load_checkpoint(prev)["step"] == 1
     assert sorted(os.listdir(tmp_path)) == ["last.pt", "prev.pt"]  # no temp file left
+
+
+def test_refit_temperature_fits_clean_training_images_and_the_tool_gives_the_same_t(data_root, tmp_path):
+    """--refit-temperature: after the last step T is the NLL's minimiser on the clean training
+    images, the weights untouched; tools.refit_temperature on the same run trained without the flag
+    writes bit for bit the same T and weights, and refuses to overwrite."""
+    args = ("--learn-temperature", "--max-iters", 3)
+    train_jem.main(tiny_run_args(data_root, tmp_path, "plain", *args))
+    train_jem.main(tiny_run_args(data_root, tmp_path, "refit", *args, "--refit-temperature"))
+    plain = load_checkpoint(str(tmp_path / "ck" / "plain" / "last.pt"))
+    refit = load_checkpoint(str(tmp_path / "ck" / "refit" / "last.pt"))
+    info = dataset_info("mnist")
+    data = load_jem_data("mnist", data_root, "cpu", 50, 160)
+    model = model_from_checkpoint(plain, info, "cpu").eval()
+    with torch.no_grad():
+        logits = model(to_float(data.train_x))
+    expected = metrics.fit_temperature(logits, data.train_y)
+    assert refit["model"]["log_temperature"].exp().item() == pytest.approx(expected, rel=1e-5)
+    assert abs(expected / plain["model"]["log_temperature"].exp().item() - 1) > 0.01  # it moved
+    for key in plain["model"]:
+        assert key == "log_temperature" or torch.equal(plain["model"][key], refit["model"][key]), key
+    lines = [json.loads(l) for l in open(tmp_path / "ck" / "refit" / "metrics.jsonl")]
+    assert [l["refit"] for l in lines if l["kind"] == "temperature"] == [pytest.approx(expected, rel=1e-5)]
+
+    out = tmp_path / "plain-refit.pt"
+    tool = [sys.executable, "-m", "tools.refit_temperature", "--ckpt", tmp_path / "ck" / "plain" / "last.pt",
+            "--out", out, "--device", "cpu"]
+    r = subprocess.run(list(map(str, tool)), capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    by_tool = load_checkpoint(str(out))
+    for key in refit["model"]:
+        assert torch.equal(by_tool["model"][key], refit["model"][key]), key
+    again = subprocess.run(list(map(str, tool)), capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_refit_temperature_without_a_learned_one_is_a_one_line_error(data_root, tmp_path):
+    r = run_script("train_jem.py", *tiny_run_args(data_root, tmp_path, "r", "--refit-temperature", "--max-iters", 1))
+    assert r.returncode == 2 and "needs --learn-temperature" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_a_learned_temperature_is_the_cross_entropys_alone_and_replays(data_root, tmp_path):
