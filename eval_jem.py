@@ -143,6 +143,15 @@ def subset(n_total, n, seed):
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
 
 
+def random_images(x_np, n, seed, device, y_np=None):
+    """n random images of a uint8 N x H x W x C split as floats on device (all of them when n is None),
+    with their labels when y_np is given. Random, never the first n: a split may be sorted by class
+    (this CIFAR-10 copy's test split is), and its first n are then a few classes only."""
+    keep = subset(len(x_np), n, seed).numpy()
+    x = images_to_float(x_np[keep], device)
+    return x if y_np is None else (x, torch.from_numpy(y_np[keep]).long().to(device))
+
+
 @torch.no_grad()
 def predict(model, x, batch_size):
     return torch.cat([model(b) for b in x.split(batch_size)])
@@ -296,8 +305,7 @@ def ood_images(name, n, info, x_in, data_root, device, g):
             raise DataError(f"'{name}': 'x' must be uint8 N x H x W x C")
     else:
         arr, _, _ = load_split(name, "test", data_root)
-    keep = subset(len(arr), n, g.initial_seed()).numpy()
-    return match_shape(images_to_float(arr[keep], device), info)
+    return match_shape(random_images(arr, n, g.initial_seed(), device), info)
 
 
 def ood_scores(model, x, batch_size):
@@ -499,7 +507,7 @@ def sample_scorer(judge, real, extractor, batch_size):
 def real_floor(score, dataset, data_root, n, seed, device):
     """score's figures for n real training images: the floor that samples of the same n can reach."""
     x_train, _, _ = load_split(dataset, "train", data_root)
-    return score(images_to_float(x_train[subset(len(x_train), n, seed).numpy()], device))
+    return score(random_images(x_train, n, seed, device))
 
 
 def eval_samples(models, x_test, args, data_root, device, out, extractor=None):
@@ -614,8 +622,7 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     x_np, y_np, _ = load_split(dataset, "test", data_root)
-    keep = subset(len(x_np), args.n_test, args.seed).numpy()
-    x_test, y_test = images_to_float(x_np[keep], device), torch.from_numpy(y_np[keep]).to(device)
+    x_test, y_test = random_images(x_np, args.n_test, args.seed, device, y_np)
 
     for mode in dict.fromkeys(args.mode):  # in the order given, once each
         t0 = time.time()

@@ -400,3 +400,14 @@ def test_calibration_and_max_prob_read_the_learned_temperature(data_root, tmp_pa
     y = torch.from_numpy(y).long()
     assert cal["nll"] == pytest.approx(metrics.nll(model.class_logits(logits).detach(), y), rel=1e-4)
     assert cal["nll"] != pytest.approx(metrics.nll(logits, y), rel=1e-4)
+
+
+def test_random_images_are_random_on_a_class_sorted_split_and_keep_their_labels():
+    """On a split sorted by class (this CIFAR-10 copy's test split is) the first 50 of 1,000 images
+    are one class; random_images draws from most classes, and each image keeps its own label."""
+    y_np = np.repeat(np.arange(10), 100)
+    x_np = np.broadcast_to(y_np[:, None, None, None] * 20, (1000, 4, 4, 1)).astype(np.uint8)
+    x, y = eval_jem.random_images(x_np, 50, 0, "cpu", y_np)
+    assert len(set(y.tolist())) >= 8
+    assert torch.allclose((x[:, 0, 0, 0] + 1) * 127.5, y.float() * 20)
+    assert torch.equal(eval_jem.random_images(x_np, 50, 0, "cpu"), x)  # without labels: the same draw

@@ -29,8 +29,8 @@ from tqdm import tqdm  # noqa: E402
 import metrics  # noqa: E402
 from cli import UsageError, resolve_device, run  # noqa: E402
 from data import load_split  # noqa: E402
-from eval_jem import (NOISE_START_STEPS, Evaluated, buffer_images, images_to_float, judge_path_for,  # noqa: E402
-                      load_judge_for, predict, real_floor, sample_scorer, subset)
+from eval_jem import (NOISE_START_STEPS, Evaluated, buffer_images, judge_path_for, load_judge_for,  # noqa: E402
+                      predict, random_images, real_floor, sample_scorer)
 from inception import InceptionFeatures  # noqa: E402
 from sgld import class_conditional_samples  # noqa: E402
 
@@ -84,11 +84,9 @@ def main(argv=None):
     extractor = InceptionFeatures().to(device) if args.inception else None
     data_root = args.data_root or models[0].cfg["data_root"]
     x_np, y_np, _ = load_split(dataset, "test", data_root)
-    # Two random draws, never a prefix of one: a test split may be sorted by class (this CIFAR-10
-    # copy's is), and the first n of a sorted index list are then a few classes only.
-    keep = subset(len(x_np), args.n_test, args.seed).numpy()
-    x_test, y_test = images_to_float(x_np[keep], device), torch.from_numpy(y_np[keep]).to(device)
-    x_real = images_to_float(x_np[subset(len(x_np), args.n_samples, args.seed).numpy()], device)
+    # two random draws, never a prefix of one (random_images says why)
+    x_test, y_test = random_images(x_np, args.n_test, args.seed, device, y_np)
+    x_real = random_images(x_np, args.n_samples, args.seed, device)
     score = sample_scorer(judge, x_real, extractor, args.batch_size)
     floor = real_floor(score, dataset, data_root, args.n_samples, args.seed, device)  # what a perfect sampler scores
     info = models[0].info

@@ -18,7 +18,7 @@ import torch
 
 from cli import UsageError, resolve_device, run
 from data import augment, load_split
-from eval_jem import Evaluated, buffer_images, images_to_float, subset
+from eval_jem import Evaluated, buffer_images, random_images
 from models.energy import energy_from_logits
 
 
@@ -71,8 +71,7 @@ def main(argv=None):
         raise UsageError(f"'{args.ckpt}' has no replay buffer: probe a JEM checkpoint")
     torch.manual_seed(args.seed)
     x_np, y_np, _ = load_split(m.cfg["dataset"], "test", args.data_root or m.cfg["data_root"])
-    keep = subset(len(x_np), args.n, args.seed).numpy()
-    x_test, y_test = images_to_float(x_np[keep], device), torch.from_numpy(y_np[keep]).long().to(device)
+    x_test, y_test = random_images(x_np, args.n, args.seed, device, y_np)
     chains, y_chains = buffer_images(m, args.n, torch.Generator().manual_seed(args.seed))
     chains = chains.to(device)
     conditional = y_chains is not None  # class-conditional chains are scored by E(x, y), else E(x)
