@@ -148,7 +148,9 @@ def inception_scores(real_feats, fake_feats, kid_seed=0):
     """FID (Heusel et al. 2017) and KID (Binkowski et al. 2018; 100 subsets of min(1000, n), mean
     and std) on TF-Inception pool3 features (above), through torchmetrics: figures on the
     scale of the literature. KID draws its subsets from its own seed, so it leaves the RNG streams
-    of everything after it as they were."""
+    of everything after it as they were. When both sets hold <= 1000 images every subset is the
+    whole of both: one estimate, whose spread over subsets is 0 up to rounding (1e-16), so its std
+    is None, not 0."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
     fid = FrechetInceptionDistance(feature=Precomputed())
@@ -162,8 +164,9 @@ def inception_scores(real_feats, fake_feats, kid_seed=0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(kid_seed)
         kid_mean, kid_std = kid.compute()
+    whole_sets = kid.subset_size >= max(len(real_feats), len(fake_feats))
     return {"fid_inception": fid.compute().item(), "kid_inception": kid_mean.item(),
-            "kid_inception_std": kid_std.item()}
+            "kid_inception_std": None if whole_sets else kid_std.item()}
 
 
 def real_floor(dataset, n, data_root, device, seed=0):
@@ -205,7 +208,8 @@ def main(argv=None):
     if args.real_floor:
         r = real_floor(args.real_floor, args.n, args.data_root, resolve_device(args.device), args.seed)
         print(f"{args.real_floor}, {args.n:,} real training vs {args.n:,} real test images (seed {args.seed}): "
-              f"Inception FID {r['fid_inception']:.3f}, KID {r['kid_inception']:.5f} +- {r['kid_inception_std']:.5f}")
+              f"Inception FID {r['fid_inception']:.3f}, KID {r['kid_inception']:.5f}"
+              + ("" if r["kid_inception_std"] is None else f" +- {r['kid_inception_std']:.5f}"))
 
 
 if __name__ == "__main__":
