@@ -260,18 +260,19 @@ def test_the_fashion_mnist_preset_is_the_measured_recipe():
 
 def test_the_cifar10_presets_carry_the_measured_cpu_recipe():
     """`cifar10-cpu` is the command its figures were measured with (docs/training.md, CIFAR-10 round
-    1, run c2-s1); `cifar10-gpu` takes its objective and sampler onto the paper's network, optimiser
+    1, run c2-s1, with T refit as tools.refit_temperature refit it: the same, tests/test_train.py);
+    `cifar10-gpu` takes its objective and sampler onto the paper's network, optimiser
     and schedule, and differs from `cifar10-paper` in nothing else."""
     preset, _ = train_jem.resolve_config(["--preset", "cifar10-cpu", "--run-name", "r"])
     measured = ["--preset", "mnist", "--dataset", "cifar10", "--epochs", "10", "--decay-epochs", "8",
-                "--step-size", "1", "--pxy-weight", "0.1", "--run-name", "r"]
+                "--step-size", "1", "--pxy-weight", "0.1", "--refit-temperature", "--run-name", "r"]
     flags, _ = train_jem.resolve_config(measured)
     assert {**vars(preset), "preset": None} == {**vars(flags), "preset": None}
     gpu, _ = train_jem.resolve_config(["--preset", "cifar10-gpu", "--run-name", "r"])
     paper, _ = train_jem.resolve_config(["--preset", "cifar10-paper", "--run-name", "r"])
     sampler_and_objective = {"n_steps", "step_size", "noise_std", "clamp", "buffer_size", "reinit_freq",
                              "buffer_init", "l2_energy", "sigma", "pyx_weight", "px_weight", "pxy_weight",
-                             "learn_temperature"}
+                             "learn_temperature", "refit_temperature"}
     for key, value in vars(gpu).items():
         expected = vars(preset)[key] if key in sampler_and_objective else vars(paper)[key]
         assert key == "preset" or value == expected, key
