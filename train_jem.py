@@ -278,6 +278,13 @@ def resolve_config(argv):
     return argparse.Namespace(**config), None
 
 
+def check_flags(cfg):
+    """Refuse flag combinations that cannot work, before any data is loaded."""
+    if cfg.refit_temperature and not cfg.learn_temperature:
+        raise UsageError("--refit-temperature refits the learned T: it needs --learn-temperature "
+                         "(without T, also give --no-refit-temperature)")
+
+
 def _explicit_flags(parser, argv):
     """The flags actually typed: parse again with every default suppressed."""
     for action in parser._actions:
@@ -690,9 +697,7 @@ def speed_line(bar, jem_steps_ahead):
 
 def main(argv=None):
     cfg, ckpt = resolve_config(argv)
-    if cfg.refit_temperature and not cfg.learn_temperature:
-        raise UsageError("--refit-temperature refits the learned T: it needs --learn-temperature "
-                         "(without T, also give --no-refit-temperature)")
+    check_flags(cfg)
     ranks, device = setup(cfg.device)  # one process, or one of torchrun's
     try:
         train(cfg, ckpt, ranks, device)

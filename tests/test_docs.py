@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+import train_jem
+from cli import UsageError
 from conftest import REPO
 
 DOCS = [os.path.join(REPO, "README.md")] + sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))
@@ -24,9 +26,9 @@ def shell_lines(path):
 
 
 def documented_commands():
-    """(document, script, flags) for every `python SCRIPT.py ...`, `python -m tools.NAME ...` and
-    torchrun line, with shell variables (R="--preset ...", then $R) expanded; the flags after
-    bench's `--` are train_jem.py's."""
+    """(document, script, arguments) for every `python SCRIPT.py ...`, `python -m tools.NAME ...`
+    and torchrun line, with shell variables (R="--preset ...", then $R) expanded; the arguments
+    after bench's `--` are train_jem.py's."""
     found = []
     for path in DOCS:
         variables = {}
@@ -48,10 +50,9 @@ def documented_commands():
                     script = words[i + 1].replace(".", "/") + ".py" if word == "-m" else word
                     rest = words[i + 1:]
                     mine = rest[:rest.index("--")] if "--" in rest else rest
-                    found.append((path, script, [w.split("=")[0] for w in mine if w.startswith("--")]))
+                    found.append((path, script, mine[1:] if word == "-m" else mine))
                     if "--" in rest:  # bench.py passes what follows `--` to train_jem.py
-                        after = rest[rest.index("--") + 1:]
-                        found.append((path, "train_jem.py", [w for w in after if w.startswith("--")]))
+                        found.append((path, "train_jem.py", rest[rest.index("--") + 1:]))
                     break
     return found
 
@@ -69,9 +70,28 @@ def test_documented_commands_use_real_scripts_and_flags():
     scripts = {script for _, script, _ in commands}
     assert {"train_jem.py", "sample.py", "eval_jem.py", "tools/train_classifier.py"} <= scripts
     helps = {script: help_text(script) for script in scripts}
-    unknown = sorted({(os.path.relpath(path, REPO), script, flag) for path, script, flags in commands
-                      for flag in flags if not re.search(re.escape(flag) + r"\b", helps[script])})
+    unknown = sorted({(os.path.relpath(path, REPO), script, flag) for path, script, words in commands
+                      for flag in flags_of(words) if not re.search(re.escape(flag) + r"\b", helps[script])})
     assert not unknown, f"documented flags the scripts do not know: {unknown}"
+
+
+def flags_of(words):
+    return [w.split("=")[0] for w in words if w.startswith("--")]
+
+
+def test_documented_training_commands_pass_the_flag_checks():
+    """Every documented train_jem.py command (resumes and --help aside) gets past the checks that
+    refuse impossible flag combinations, e.g. a baseline that turns the learned temperature off
+    while its preset refits it."""
+    commands = [(path, words) for path, script, words in documented_commands()
+                if script == "train_jem.py" and not {"--resume", "--help", "-h"} & set(words)]
+    assert len(commands) > 20
+    for path, words in commands:
+        cfg, _ = train_jem.resolve_config(words)
+        try:
+            train_jem.check_flags(cfg)
+        except UsageError as e:
+            pytest.fail(f"{os.path.relpath(path, REPO)}: {shlex.join(words)}: {e}")
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: os.path.relpath(p, REPO))
