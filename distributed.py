@@ -138,6 +138,12 @@ def gather_objects(ranks, obj):
     return out
 
 
+def broadcast_from_main(ranks, tensor):
+    """Overwrite tensor on every rank with rank 0's, in place; every rank must call this."""
+    if ranks.enabled:
+        dist.broadcast(tensor, src=0)
+
+
 def barrier(ranks):
     if ranks.enabled:
         dist.barrier()

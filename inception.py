@@ -148,9 +148,9 @@ def inception_scores(real_feats, fake_feats, kid_seed=0):
     """FID (Heusel et al. 2017) and KID (Binkowski et al. 2018; 100 subsets of min(1000, n), mean
     and std) on TF-Inception pool3 features (above), through torchmetrics: figures on the
     scale of the literature. KID draws its subsets from its own seed, so it leaves the RNG streams
-    of everything after it as they were. When both sets hold <= 1000 images every subset is the
-    whole of both: one estimate, whose spread over subsets is 0 up to rounding (1e-16), so its std
-    is None, not 0."""
+    of everything after it as they were. When both sets hold the same n <= 1000 images every
+    subset is the whole of both: one estimate, whose spread over subsets is 0 up to rounding
+    (1e-16), so its std is None, not 0."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
     fid = FrechetInceptionDistance(feature=Precomputed())

@@ -65,9 +65,11 @@ def test_two_ranks_train_resume_exactly_and_reshard_to_one(data_root, tmp_path):
 
 
 def test_two_ranks_give_the_update_of_one_process_with_twice_the_batch(data_root, tmp_path):
-    """Energy terms off: DDP's gradient average over 2 x batch 8 is the gradient of batch 16."""
+    """Energy terms off: DDP's gradient average over 2 x batch 8 is the gradient of batch 16; the
+    T refit after the last step (rank 0's, broadcast) is one process's too."""
     common = ["--px-weight", "0", "--pxy-weight", "0", "--max-iters", "3", "--eval-every", "100",
-              "--precision", "fp32"]  # bf16 rounds the two batch splits differently
+              "--precision", "fp32",  # bf16 rounds the two batch splits differently
+              "--learn-temperature", "--refit-temperature"]
     r = torchrun(2, *tiny_run_args(data_root, tmp_path, "two", *common, "--batch-size", "8"))
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_script("train_jem.py", *tiny_run_args(data_root, tmp_path, "one", *common, "--batch-size", "16"))

@@ -13,7 +13,7 @@ import metrics
 import train_jem
 from checkpoint import (FORMAT_VERSION, CheckpointError, load_checkpoint, model_from_checkpoint,
                         model_kwargs, recorded_config, save_atomic, save_checkpoint)
-from cli import resolve_precision
+from cli import UsageError, resolve_precision
 from data import dataset_info, load_jem_data, to_float
 from models import build_model
 from conftest import REPO, local_mnist_mirror, run_script, tiny_run_args
@@ -465,7 +465,7 @@ def test_refit_temperature_fits_clean_training_images_and_the_tool_gives_the_sam
     """--refit-temperature: after the last step T is the NLL's minimiser on the clean training
     images, the weights untouched; tools.refit_temperature on the same run trained without the flag
     writes bit for bit the same T and weights, and refuses to overwrite."""
-    args = ("--learn-temperature", "--max-iters", 3)
+    args = ("--learn-temperature", "--max-iters", 3, "--precision", "bf16")  # trains in bf16, refits in fp32
     train_jem.main(tiny_run_args(data_root, tmp_path, "plain", *args))
     train_jem.main(tiny_run_args(data_root, tmp_path, "refit", *args, "--refit-temperature"))
     plain = load_checkpoint(str(tmp_path / "ck" / "plain" / "last.pt"))
@@ -476,6 +476,7 @@ def test_refit_temperature_fits_clean_training_images_and_the_tool_gives_the_sam
     with torch.no_grad():
         logits = model(to_float(data.train_x))
     expected = metrics.fit_temperature(logits, data.train_y)
+    assert train_jem.clean_image_temperature(model, data.train_x, data.train_y)[0] == expected
     assert refit["model"]["log_temperature"].exp().item() == pytest.approx(expected, rel=1e-5)
     assert abs(expected / plain["model"]["log_temperature"].exp().item() - 1) > 0.01  # it moved
     for key in plain["model"]:
@@ -491,6 +492,8 @@ def test_refit_temperature_fits_clean_training_images_and_the_tool_gives_the_sam
     by_tool = load_checkpoint(str(out))
     for key in refit["model"]:
         assert torch.equal(by_tool["model"][key], refit["model"][key]), key
+    assert_same_state({**by_tool, "model": plain["model"]}, plain)  # the rest is the original's
+    assert by_tool["config"] == {**plain["config"], "refit_temperature": True}
     again = subprocess.run(list(map(str, tool)), capture_output=True, text=True, cwd=REPO, timeout=120)
     assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
 
@@ -498,6 +501,34 @@ def test_refit_temperature_fits_clean_training_images_and_the_tool_gives_the_sam
 def test_refit_temperature_without_a_learned_one_is_a_one_line_error(data_root, tmp_path):
     r = run_script("train_jem.py", *tiny_run_args(data_root, tmp_path, "r", "--refit-temperature", "--max-iters", 1))
     assert r.returncode == 2 and "needs --learn-temperature" in r.stderr and "Traceback" not in r.stderr
+    cfg, _ = train_jem.resolve_config(["--preset", "cifar10-cpu", "--labels-per-class", "10", "--run-name", "r"])
+    with pytest.raises(UsageError, match="learns by heart"):  # a T fitted on 100 memorised images
+        train_jem.check_flags(cfg)
+
+
+class RightOnEveryImage(torch.nn.Module):
+    """Images whose pixels all equal 20 * label: logits peaked at the label read from the pixels,
+    except for images listed in `wrong`, whose logits point at the next class."""
+
+    def __init__(self, wrong=()):
+        super().__init__()
+        self.wrong = set(wrong)
+
+    def forward(self, x):
+        label = ((x.flatten(1)[:, 0] + 1) * 127.5 / 20).round().long()
+        label = torch.tensor([(c + 1) % 10 if i in self.wrong else c for i, c in enumerate(label.tolist())])
+        return 5 * torch.nn.functional.one_hot(label, 10).float() + 0.1 * torch.arange(10.0)
+
+
+def test_clean_image_temperature_keeps_out_of_separable_images():
+    """Where the classifier is right on (nearly) every image the NLL has no useful minimum (it falls
+    as T -> 0): no T is fitted. With 10 % wrong the fit is an ordinary one."""
+    y = torch.arange(200) % 10
+    x = (20 * y).to(torch.uint8)[:, None, None, None].expand(200, 1, 4, 4)
+    t, acc = train_jem.clean_image_temperature(RightOnEveryImage(), x, y)
+    assert t is None and acc == 1.0
+    t, acc = train_jem.clean_image_temperature(RightOnEveryImage(wrong=range(0, 200, 10)), x, y)
+    assert acc == pytest.approx(0.9) and 0.5 < t < 5  # confidence 0.9: exp(5 / T) = 81, T about 1.1
 
 
 def test_a_learned_temperature_is_the_cross_entropys_alone_and_replays(data_root, tmp_path):
