@@ -28,8 +28,9 @@ def nll(logits, y):
 
 def fit_temperature(logits, y):
     """The T > 0 that minimises the NLL of softmax(logits / T): temperature scaling (Guo et al.
-    2017). The NLL is convex in 1 / T, so L-BFGS on log T finds the one minimum; float64 and a
-    fixed start make the fit a pure function of its inputs."""
+    2017). The NLL is convex in 1 / T, so L-BFGS on log T finds its minimum where one exists: not
+    when every arg-max is right (the NLL then falls as T -> 0; train_jem.clean_image_temperature
+    refuses such sets). float64 and a fixed start make the fit a pure function of its inputs."""
     logits, y = logits.detach().double().cpu(), y.cpu()
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=100, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
