@@ -339,6 +339,28 @@ def test_probe_energy_scores_the_test_images_and_the_saved_chains(tiny, data_roo
     assert one_line_error(bad, "--steps"), bad.stderr
 
 
+def test_probe_constants_ranks_grey_images_among_the_test_images(tiny, data_root, tmp_path):
+    """tools.probe_constants as a user runs it: each row's log p(x) is that of the grey image it names,
+    and its share is the share of the same random test images that score below it."""
+    ckpt, _ = tiny
+    args = ["--ckpt", ckpt, "--data-root", data_root, "--n", 30, "--levels", 5, "--device", "cpu"]
+    r = subprocess.run([sys.executable, "-m", "tools.probe_constants", *map(str, args), "--out", tmp_path / "c.json"],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    rows = json.load(open(tmp_path / "c.json"))["rows"]
+    assert [row["c"] for row in rows] == [-1.0, -0.5, 0.0, 0.5, 1.0]
+    m = eval_jem.Evaluated(str(ckpt), None, "cpu")
+    x_np, _, _ = load_split("mnist", "test", data_root)
+    with torch.no_grad():
+        test = torch.logsumexp(m.model(eval_jem.random_images(x_np, 30, 0, "cpu")), 1)
+        grey = torch.logsumexp(m.model(torch.full((1, 1, 28, 28), 0.5)), 1).item()
+    assert abs(rows[3]["log_px"] - grey) < 1e-4
+    assert rows[3]["test_below"] == pytest.approx((test < rows[3]["log_px"]).float().mean().item())
+    bad = subprocess.run([sys.executable, "-m", "tools.probe_constants", *map(str, args[:-2]), "--levels", "1"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert one_line_error(bad, "--levels"), bad.stderr
+
+
 def one_line_error(r, message):
     lines = r.stderr.strip().splitlines()
     return r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
