@@ -176,6 +176,11 @@ def add_method_flags(p):
                         "images leaves the classifier underconfident on clean ones; kept as learned where it "
                         "gets 99 %% of them right. A run extended later trains on from the refit T. On in "
                         "the cifar10-cpu preset (default: off; needs --learn-temperature)")
+    g.add_argument("--min-temperature", type=float, default=None,
+                   help="a floor under the learned T during training (log T is clamped after every step): "
+                        "the cross-entropy then keeps f at least at the scale 1 / floor, which a T learned "
+                        "down to 0.08 lets the energy penalty shrink; --refit-temperature ignores it "
+                        "(default: none)")
     g = p.add_argument_group("objective")
     g.add_argument("--pyx-weight", type=float, default=1.0, help="weight of log p(y|x), the cross-entropy (default: %(default)s)")
     g.add_argument("--px-weight", type=float, default=1.0, help="weight of log p(x), unconditional SGLD; 0 = plain classifier (default: %(default)s)")
@@ -284,6 +289,9 @@ def check_flags(cfg):
     if cfg.refit_temperature and not cfg.learn_temperature:
         raise UsageError("--refit-temperature refits the learned T: it needs --learn-temperature "
                          "(without T, also give --no-refit-temperature)")
+    if cfg.min_temperature is not None and not (cfg.learn_temperature and cfg.min_temperature > 0):
+        raise UsageError("--min-temperature is a floor under the learned T: it needs --learn-temperature "
+                         "and a value above 0")
     if cfg.refit_temperature and cfg.labels_per_class is not None:
         raise UsageError("--refit-temperature fits T on the labelled images, which a run with "
                          "--labels-per-class learns by heart; give --no-refit-temperature")
@@ -774,6 +782,9 @@ def train(cfg, ckpt, ranks, device):
             guard.maybe_snapshot(state.step, state.training_state,
                                  checkpointed=state.step % cfg.ckpt_every == 0)
             state.optimizer.step()
+            if cfg.min_temperature:  # a projected step: T stays on or above its floor
+                with torch.no_grad():
+                    unwrap(state.model).log_temperature.clamp_(min=math.log(cfg.min_temperature))
             state.step += 1
             bar.advance(state.step)
 

@@ -1,5 +1,6 @@
 """train_jem.py end to end on real MNIST: exact resume, signals, presets, and one-line errors."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -529,6 +530,22 @@ def test_clean_image_temperature_keeps_out_of_separable_images():
     assert t is None and acc == 1.0
     t, acc = train_jem.clean_image_temperature(RightOnEveryImage(wrong=range(0, 200, 10)), x, y)
     assert acc == pytest.approx(0.9) and 0.5 < t < 5  # confidence 0.9: exp(5 / T) = 81, T about 1.1
+
+
+def test_min_temperature_is_a_floor_under_the_learned_one(data_root, tmp_path):
+    """--min-temperature: T is never under its floor after a step. A floor above where three steps
+    take a free T (T starts at 1 and moves about 0.001 a step) must bind."""
+    train_jem.main(tiny_run_args(data_root, tmp_path, "free", "--learn-temperature", "--max-iters", 3))
+    train_jem.main(tiny_run_args(data_root, tmp_path, "floor", "--learn-temperature", "--min-temperature",
+                                 "1.01", "--max-iters", 3))
+    log_t = {run: load_checkpoint(str(tmp_path / "ck" / run / "last.pt"))["model"]["log_temperature"].item()
+             for run in ("free", "floor")}
+    assert log_t["free"] < math.log(1.01)
+    assert log_t["floor"] >= math.log(1.01) - 1e-7
+    cfg, _ = train_jem.resolve_config(["--preset", "mnist", "--no-learn-temperature", "--min-temperature", "0.3",
+                                       "--run-name", "r"])
+    with pytest.raises(UsageError, match="floor under the learned T"):
+        train_jem.check_flags(cfg)
 
 
 def test_a_learned_temperature_is_the_cross_entropys_alone_and_replays(data_root, tmp_path):
