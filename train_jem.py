@@ -179,7 +179,8 @@ def add_method_flags(p):
     g.add_argument("--min-temperature", type=float, default=None,
                    help="a floor under the learned T during training (log T is clamped after every step): "
                         "the cross-entropy then keeps f at least at the scale 1 / floor, which a T learned "
-                        "down to 0.08 lets the energy penalty shrink; --refit-temperature ignores it "
+                        "down to 0.08 lets the energy penalty shrink; --refit-temperature ignores it. Tried "
+                        "once: 0.3 on Fashion-MNIST collapsed the energy gap (docs/training.md, round 4) "
                         "(default: none)")
     g = p.add_argument_group("objective")
     g.add_argument("--pyx-weight", type=float, default=1.0, help="weight of log p(y|x), the cross-entropy (default: %(default)s)")
