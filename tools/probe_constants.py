@@ -15,6 +15,7 @@ import os
 
 import torch
 
+import metrics
 from cli import UsageError, resolve_device, run
 from data import load_split
 from eval_jem import Evaluated, random_images
@@ -34,7 +35,8 @@ def build_parser():
 
 @torch.no_grad()
 def log_px(model, x, batch_size=500):
-    return torch.cat([torch.logsumexp(model(b), 1) for b in x.split(batch_size)])
+    """eval_jem.py's OOD score itself (metrics.score_log_px), in batches."""
+    return torch.cat([metrics.score_log_px(model(b)) for b in x.split(batch_size)])
 
 
 def main(argv=None):
