@@ -1,4 +1,5 @@
 """What the command-line scripts share: device choice and one-line errors instead of tracebacks."""
+import os
 import sys
 
 import torch
@@ -42,9 +43,17 @@ def resolve_precision(name, device):
 
 
 def run(main):
-    """Call main(); expected failures become 'error: ...' on stderr and exit status 2."""
+    """Call main(); expected failures become 'error: ...' on stderr and exit status 2. A reader
+    that leaves early (`python eval_jem.py ... | head`) ends the script quietly, as it ends Unix
+    tools, instead of with a BrokenPipeError traceback."""
     try:
-        return main()
+        try:
+            return main()
+        finally:  # on SystemExit too: buffered output meets the closed pipe here, not at exit
+            sys.stdout.flush()
     except (CheckpointError, DataError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush then has nowhere to fail
+        sys.exit(1)

@@ -83,3 +83,22 @@ def test_sample_refuses_to_overwrite_an_earlier_draw(trained, tmp_path):
     assert run_script("sample.py", *args).returncode == 0
     assert one_line_error(run_script("sample.py", *args), "already holds a draw")
     assert run_script("sample.py", *args, "--force").returncode == 0
+
+
+def test_a_reader_that_left_ends_the_script_quietly(trained, tmp_path):
+    """`python sample.py ... | head`: once the reader is gone, the script stops with status 1 and no
+    BrokenPipeError traceback (cli.run). The pipe's read end is closed before the script starts, so
+    its first line of output ("wrote ...", printed inside main) meets a broken pipe."""
+    import os
+    import subprocess
+    import sys
+    from conftest import REPO
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), "--ckpt", str(trained),
+                            "--n-per-class", "2", "--n-steps", "1", "--out", str(tmp_path / "draw"), "--device", "cpu"],
+                           stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300, cwd=REPO)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 1 and "BrokenPipeError" not in r.stderr and "Traceback" not in r.stderr, r.stderr
