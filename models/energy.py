@@ -64,3 +64,26 @@ def make_act(kind):
     if kind == "silu":
         return nn.SiLU()
     raise ValueError(f"unknown activation '{kind}'; choose one of: {', '.join(ACTIVATIONS)}")
+
+
+def make_shortcut(c_in, c_out, stride):
+    """A residual block's skip path: the identity, or a 1x1 conv where the shape changes."""
+    if stride == 1 and c_in == c_out:
+        return nn.Identity()
+    return SubsampledConv1x1(c_in, c_out, stride)
+
+
+class SubsampledConv1x1(nn.Conv2d):
+    """nn.Conv2d(c_in, c_out, 1, stride), computed as a stride-1 1x1 conv of every stride-th pixel:
+    the same function and the same parameters (checkpoints load either way). Why: for the strided
+    form, oneDNN's AVX2 weight-gradient kernel writes past its buffer when the input is channels-last
+    with fewer than 8 channels (uxlfoundation/oneDNN issue 6035): on this project's 2-core AVX2 CPU a
+    width-4 small ResNet crashed (double free, segfault) at one thread; upstream reports wrong
+    gradients at more. Stride 1 takes another kernel."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__(c_in, c_out, 1)
+        self.step = stride
+
+    def forward(self, x):
+        return super().forward(x[:, :, ::self.step, ::self.step])

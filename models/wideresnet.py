@@ -1,7 +1,7 @@
 """WideResNet (Zagoruyko & Komodakis 2016) as in the JEM code: optional norm, leaky ReLU (or SiLU), dropout."""
 import torch.nn as nn
 
-from .energy import EnergyClassifier, make_act, make_norm
+from .energy import EnergyClassifier, make_act, make_norm, make_shortcut
 
 
 class WideBasic(nn.Module):
@@ -11,7 +11,7 @@ class WideBasic(nn.Module):
         self.norm1, self.conv1 = make_norm(norm, c_in), nn.Conv2d(c_in, c_out, 3, 1, 1)
         self.dropout = nn.Dropout(dropout)
         self.norm2, self.conv2 = make_norm(norm, c_out), nn.Conv2d(c_out, c_out, 3, stride, 1)
-        self.skip = nn.Conv2d(c_in, c_out, 1, stride) if (stride != 1 or c_in != c_out) else nn.Identity()
+        self.skip = make_shortcut(c_in, c_out, stride)
 
     def forward(self, x):
         h = self.dropout(self.conv1(self.act(self.norm1(x))))

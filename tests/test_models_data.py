@@ -22,6 +22,43 @@ def test_models_give_logits_and_energies(arch, kw, channels, size, norm):
     assert torch.allclose(model.energy(x, y), -logits[torch.arange(4), y], atol=1e-5)
 
 
+@pytest.mark.parametrize("size, stride", [(28, 2), (7, 2), (8, 2), (7, 1)])
+def test_the_subsampled_shortcut_is_the_strided_1x1_conv(size, stride):
+    """Same outputs and same gradients as nn.Conv2d(c_in, c_out, 1, stride) with its weights, at odd
+    and even sizes: the skip path of the models, checkpoints of the strided form load into it."""
+    from models.energy import SubsampledConv1x1
+    torch.manual_seed(0)
+    plain, subsampled = torch.nn.Conv2d(4, 8, 1, stride), SubsampledConv1x1(4, 8, stride)
+    subsampled.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 4, size, size)
+    outs = [conv(x) for conv in (plain, subsampled)]
+    assert outs[0].shape == outs[1].shape and torch.allclose(outs[0], outs[1], atol=1e-6)
+    for out in outs:
+        out.square().sum().backward()
+    assert torch.allclose(plain.weight.grad, subsampled.weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_a_narrow_small_resnet_trains_channels_last_on_one_thread():
+    """Width 4 gives the first downsampling block's skip path 4 input channels. As a strided 1x1
+    conv in channels-last its weight gradient crashed the process on one thread (double free,
+    segfault: oneDNN's AVX2 kernel, uxlfoundation/oneDNN issue 6035; CPUs with AVX-512 took
+    another kernel and passed). A subprocess, because what fails is the process."""
+    import os
+    import subprocess
+    import sys
+    from conftest import REPO
+    code = ("import torch\n"
+            "from models import build_model\n"
+            "from sgld import prepare_model\n"
+            "model = prepare_model(build_model('resnet', 10, 1, width=4), channels_last=True)\n"
+            "for _ in range(20):\n"
+            "    x = torch.rand(16, 1, 28, 28).to(memory_format=torch.channels_last)\n"
+            "    model(x).logsumexp(1).sum().backward()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-500:]
+
+
 def test_wrn_rejects_bad_depth():
     with pytest.raises(ValueError, match="6n"):
         build_model("wrn", 10, 3, depth=12)
