@@ -147,6 +147,15 @@ def to_uint8(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def save_grid(x, path, nrow=8):
+    """Float images in [-1, 1] (one, or a batch) -> one PNG, `nrow` images per row."""
+    # Imported here, not at the top: importing torchvision loads torch._dynamo through its ops, about
+    # 3 s on a CPU without AVX-512, which every script would pay before its first line (or its one-line
+    # error) although most runs write a picture only now and then.
+    from torchvision.utils import save_image
+    save_image((x + 1) / 2, path, nrow=nrow)
+
+
 def _class_balanced_pick(y, per_class, generator):
     """Indices of `per_class` random examples of each class (fewer if a class has fewer)."""
     picks = []

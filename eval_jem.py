@@ -34,13 +34,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torchvision.utils import save_image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import metrics  # noqa: E402
 from checkpoint import load_checkpoint, load_judge, model_from_checkpoint, sgld_step_rule  # noqa: E402
 from cli import UsageError, resolve_device, run  # noqa: E402
-from data import DATASETS, DataError, dataset_info, load_split, to_float  # noqa: E402
+from data import DATASETS, DataError, dataset_info, load_split, save_grid, to_float  # noqa: E402
 from inception import InceptionFeatures, inception_features, inception_scores  # noqa: E402
 from sgld import ReplayBuffer, SGLDSampler, class_conditional_samples  # noqa: E402
 
@@ -549,7 +548,7 @@ def eval_samples(models, x_test, args, data_root, device, out, extractor=None):
                     f"gradient clip {m.sampler.grad_clip}",
             "n": n, "init": args.sample_init, "steps": steps,
             **score(fresh, y)}}
-        save_image((fresh[:100] + 1) / 2, os.path.join(out, f"samples_fresh_{_slug(m.label)}.png"), nrow=10)
+        save_grid(fresh[:100], os.path.join(out, f"samples_fresh_{_slug(m.label)}.png"), nrow=10)
         xb, yb = buffer_images(m, n, g)
         xb = xb.to(device)
         what = (f"{len(xb)} random chains of the replay buffer saved in the checkpoint, as they are (the "
@@ -560,7 +559,7 @@ def eval_samples(models, x_test, args, data_root, device, out, extractor=None):
         entry["replay_buffer"] = {
             "what": what,
             "n": len(xb), **score(xb, None if yb is None else yb.to(device))}
-        save_image((xb[:100] + 1) / 2, os.path.join(out, f"samples_buffer_{_slug(m.label)}.png"), nrow=10)
+        save_grid(xb[:100], os.path.join(out, f"samples_buffer_{_slug(m.label)}.png"), nrow=10)
         result["models"][m.label] = entry
     return result
 

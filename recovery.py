@@ -24,9 +24,9 @@ import os
 import sys
 
 import torch
-from torchvision.utils import save_image
 from tqdm import tqdm
 
+from data import save_grid
 from distributed import rank_seed
 
 RUNGS = ("reseed", "lr", "reinit", "l2", "steps", "clamp")
@@ -159,7 +159,7 @@ class Guard:
         if samples is not None:
             x = samples.detach().float().cpu()
             x = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0).clamp(-1, 1)
-            save_image((x + 1) / 2, os.path.join(folder, "samples.png"), nrow=8)
+            save_grid(x, os.path.join(folder, "samples.png"), nrow=8)
             torch.save({"samples": samples.detach().cpu()}, os.path.join(folder, "samples.pt"))
         return event
 

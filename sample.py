@@ -12,12 +12,11 @@ import json
 import os
 
 import torch
-from torchvision.utils import save_image
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, model_from_checkpoint, sgld_step_rule
 from cli import UsageError, resolve_device, run
-from data import dataset_info
+from data import dataset_info, save_grid
 from sgld import ReplayBuffer, SGLDSampler, class_conditional_samples
 
 NOISE_START_STEPS = 200  # fresh chains need far more steps than chains continued from the buffer
@@ -79,20 +78,19 @@ def main(argv=None):
     nrow = max(1, int(args.n_per_class ** 0.5))
     for c in tqdm(classes, desc="classes"):
         y = torch.full((args.n_per_class,), c, dtype=torch.long)
-        x = (class_conditional_samples(model, sampler, y, shape, buffer, args.batch_size,
-                                       device=device) + 1) / 2
-        save_image(x, os.path.join(out, f"class_{c}.png"), nrow=nrow)
+        x = class_conditional_samples(model, sampler, y, shape, buffer, args.batch_size, device=device)
+        save_grid(x, os.path.join(out, f"class_{c}.png"), nrow=nrow)
         if args.individual:
             os.makedirs(os.path.join(out, str(c)), exist_ok=True)
             for i, img in enumerate(x):
-                save_image(img, os.path.join(out, str(c), f"{i:05d}.png"))
+                save_grid(img, os.path.join(out, str(c), f"{i:05d}.png"))
 
     if buffer is not None:
         x0, _ = buffer.sample(args.n_per_class, reinit_freq=0)
     else:
         x0 = torch.rand((args.n_per_class, *shape), device=device) * 2 - 1
     x = sampler(model, x0)
-    save_image((x + 1) / 2, os.path.join(out, "unconditional.png"), nrow=nrow)
+    save_grid(x, os.path.join(out, "unconditional.png"), nrow=nrow)
 
     settings = {"ckpt": args.ckpt, "step": ckpt["step"], "init": args.init, "n_steps": n_steps,
                 "step_size": sampler.step_size, "noise_std": sampler.noise_std, "clamp": sampler.clamp,

@@ -24,13 +24,12 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torchvision.utils import save_image
 from tqdm import tqdm
 
 from checkpoint import (RESUMABLE, CheckpointError, load_resumable, model_from_checkpoint, model_kwargs,
                         recorded_config)
 from cli import UsageError, resolve_precision, run
-from data import augment, dataset_info, epoch_permutation, load_jem_data, to_float
+from data import augment, dataset_info, epoch_permutation, load_jem_data, save_grid, to_float
 from distributed import (Ranks, barrier, broadcast_from_main, check_buffer_split, health_across_ranks,
                          rank_seed, setup, sum_across_ranks, teardown, unwrap)
 import metrics
@@ -492,7 +491,7 @@ def save_sample_grid(model, sampler, buffer, n_classes, path, device, per_class=
         model.eval()
         x = class_conditional_samples(model, sampler, classes, buffer.shape, buffer, device=device)
         model.train()
-    save_image((x + 1) / 2, path, nrow=per_class)
+    save_grid(x, path, nrow=per_class)
 
 
 class StepInterrupted(BaseException):

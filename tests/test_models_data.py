@@ -1,11 +1,16 @@
 """Models' energy interface and the data pipeline on the real arrays."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
-from data import DataError, augment, epoch_permutation, load_jem_data, load_split
-from conftest import local_mnist_mirror
+from data import DataError, augment, epoch_permutation, load_jem_data, load_split, save_grid
+from conftest import REPO, local_mnist_mirror
 from models import build_model
 
 
@@ -43,10 +48,6 @@ def test_a_narrow_small_resnet_trains_channels_last_on_one_thread():
     conv in channels-last its weight gradient crashed the process on one thread (double free,
     segfault: oneDNN's AVX2 kernel, uxlfoundation/oneDNN issue 6035; CPUs with AVX-512 took
     another kernel and passed). A subprocess, because what fails is the process."""
-    import os
-    import subprocess
-    import sys
-    from conftest import REPO
     code = ("import torch\n"
             "from models import build_model\n"
             "from sgld import prepare_model\n"
@@ -125,6 +126,19 @@ def test_epoch_permutation_is_reproducible():
     epoch_permutation(100, 1, 4, torch.device("cpu"))
     assert torch.equal(a, epoch_permutation(100, 1, 3, torch.device("cpu")))
     assert not torch.equal(a, epoch_permutation(100, 2, 3, torch.device("cpu")))
+
+
+def test_save_grid_writes_minus_one_black_and_one_white(tmp_path):
+    save_grid(torch.tensor([-1.0, 0.0, 1.0]).view(1, 1, 1, 3), tmp_path / "g.png")
+    assert np.asarray(Image.open(tmp_path / "g.png"))[..., 0].tolist() == [[0, 128, 255]]
+
+
+def test_the_scripts_start_without_torchvision():
+    """Importing torchvision (its ops load torch._dynamo: ~3 s on an AVX2 CPU) waits until a
+    picture is written, so a script's start and its one-line errors stay quick."""
+    code = "import sys, train_jem, sample, eval_jem; assert 'torchvision' not in sys.modules, 'torchvision imported'"
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-500:]
 
 
 def _write(path, **arrays):

@@ -1,5 +1,8 @@
 """sample.py from a checkpoint alone: files, shapes, and one-line errors on bad checkpoints."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,7 +10,7 @@ from PIL import Image
 
 import train_jem
 from checkpoint import load_checkpoint, save_atomic
-from conftest import run_script, tiny_run_args
+from conftest import REPO, run_script, tiny_run_args
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +92,6 @@ def test_a_reader_that_left_ends_the_script_quietly(trained, tmp_path):
     """`python sample.py ... | head`: once the reader is gone, the script stops with status 1 and no
     BrokenPipeError traceback (cli.run). The pipe's read end is closed before the script starts, so
     its first line of output ("wrote ...", printed inside main) meets a broken pipe."""
-    import os
-    import subprocess
-    import sys
-    from conftest import REPO
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
