@@ -6,7 +6,7 @@
 1. the machine: torch, the device, whether it has fast bf16, its memory;
 2. the tests that need CUDA (skipped on a CPU): fast paths and metrics on CUDA tensors;
 3. tools.bench for WRN-28-10 at K=20 and K=5, every fast path beside the fp32 loop
-   (bf16 autocast, channels-last, CUDA graphs, torch.compile);
+   (bf16 autocast where the device has native bf16, channels-last, CUDA graphs, torch.compile);
 4. a training probe: train_jem.py --preset cifar10-paper on the fastest path for a few dozen steps,
    timed from its own metrics.jsonl: seconds per iteration, peak memory, and the projected time of
    the paper's 200 epochs (140,600 iterations of batch 64).
@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from cli import UsageError, resolve_device, run
+from cli import UsageError, has_fast_bf16, resolve_device, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_ITERS = 200 * (45_000 // 64)  # cifar10-paper: 45,000 training images (5,000 held out), 200 epochs
@@ -72,10 +72,11 @@ def bench_steps(args, model_flags, sides, compile_side):
     compile that overruns its limit costs only its own figure."""
     runs = [(20, sides, 120), (5, sides, 90)] + ([(20, [sides[0], compile_side], 120)] if compile_side else [])
     for k, names, limit in runs:
+        rounds = ["--warmup", "1", "--iters", "2"] if args.quick else ["--warmup", "2", "--iters", "5"]
         cmd = [sys.executable, "-m", "tools.bench", "--device", args.device, "--sides", ",".join(names),
-               "--warmup", "2", "--iters", "3" if args.quick else "5", "--", *model_flags, "--n-steps", str(k)]
-        # --quick is the CPU test's tiny model (~25 s a bench alone); its limit only catches a hang,
-        # and a CI machine busy with other jobs took over 60 s
+               *rounds, "--", *model_flags, "--n-steps", str(k)]
+        # --quick is the CPU test's tiny model (~20 s a bench alone, most of it starting processes);
+        # its limit only catches a hang, and a CI machine busy with other jobs took over 60 s
         run_step(f"bench, K={k}", cmd, timeout=180 if args.quick else limit)
 
 
@@ -116,11 +117,14 @@ def main(argv=None):
                  "--n-steps", "2", "--pretrain-epochs", "0", "--train-subset", "160"]
     else:
         model_flags = ["--preset", "cifar10-paper"]
-        probe = ["--preset", "cifar10-paper", "--precision", "bf16", "--channels-last"]
-    sides, compile_side = ["lean", "lean+bf16+cl"], None
+        probe = ["--preset", "cifar10-paper", "--precision", "auto", "--channels-last"]
+    # the fastest path bf16 only where the device runs it natively: emulated (a CPU without AVX-512
+    # BF16, a GPU before Ampere) it is slower than fp32, 4x on the tests' model on an AVX2 CPU
+    fast = "lean+bf16+cl" if has_fast_bf16(device) else "lean+cl"
+    sides, compile_side = ["lean", fast], None
     if device.type == "cuda":
-        sides.append("lean+bf16+cl+graph")
-        compile_side = "lean+bf16+cl+compile"
+        sides.append(f"{fast}+graph")
+        compile_side = f"{fast}+compile"
         probe += ["--cuda-graph"]
     if args.quick:
         print("\n## CUDA tests\nskipped (--quick)")
