@@ -1,5 +1,6 @@
 """metrics.py against known answers, and eval_jem.py as a user runs it on a tiny checkpoint."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -341,7 +342,8 @@ def test_probe_energy_scores_the_test_images_and_the_saved_chains(tiny, data_roo
 
 def test_probe_constants_ranks_grey_images_among_the_test_images(tiny, data_root, tmp_path):
     """tools.probe_constants as a user runs it: each row's log p(x) is that of the grey image it names,
-    and its share is the share of the same random test images that score below it."""
+    split into its largest logit and the classes' share, and its share of test images is that of the
+    same random test images that score below it."""
     ckpt, _ = tiny
     args = ["--ckpt", ckpt, "--data-root", data_root, "--n", 30, "--levels", 5, "--device", "cpu"]
     r = subprocess.run([sys.executable, "-m", "tools.probe_constants", *map(str, args), "--out", tmp_path / "c.json"],
@@ -353,8 +355,10 @@ def test_probe_constants_ranks_grey_images_among_the_test_images(tiny, data_root
     x_np, _, _ = load_split("mnist", "test", data_root)
     with torch.no_grad():
         test = torch.logsumexp(m.model(eval_jem.random_images(x_np, 30, 0, "cpu")), 1)
-        grey = torch.logsumexp(m.model(torch.full((1, 1, 28, 28), 0.5)), 1).item()
-    assert abs(rows[3]["log_px"] - grey) < 1e-4
+        grey_logits = m.model(torch.full((1, 1, 28, 28), 0.5))
+    grey = torch.logsumexp(grey_logits, 1).item()
+    assert abs(rows[3]["log_px"] - grey) < 1e-4 and abs(rows[3]["max_logit"] - grey_logits.max().item()) < 1e-4
+    assert 0 <= rows[3]["class_share"] <= math.log(10) + 1e-6
     assert rows[3]["test_below"] == pytest.approx((test < rows[3]["log_px"]).float().mean().item())
     bad = subprocess.run([sys.executable, "-m", "tools.probe_constants", *map(str, args[:-2]), "--levels", "1"],
                          capture_output=True, text=True, timeout=300, cwd=REPO)
